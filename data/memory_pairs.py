@@ -1,0 +1,139 @@
+"""Training / test pairs for the S-BERT memory, built from a "combination" file.
+
+Each non-blank line of a combination file holds a memory item in brackets, a space, then a user message:
+
+    [오늘 일정: 친구랑 카페 방문] 아 오늘 뭐 입고 나가지
+
+N lines give every (memory of line i, message of line j) pair, N×N rows with the columns
+`memory_0, user_prompt_1, similarity_score`. The target score compares the two memory *keys* only:
+
+    score(i, j) = 1.0                        if key_i == key_j
+                = |W_i ∩ W_j| / |W_i ∪ W_j|   otherwise (IoU of the space-separated words), rounded to 4 decimals
+
+where the key `좋아하는 아이돌` counts as `좋아하는 가수` (the two are one topic for the chatbot).
+
+    python -m data.memory_pairs data/memory_train_combs.txt data/memory_train.csv
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+COLUMNS = ("memory_0", "user_prompt_1", "similarity_score")
+# Keys that name the same topic; the left one is scored as the right one.
+KEY_ALIASES = {"좋아하는 아이돌": "좋아하는 가수"}
+
+# `[key: value] message` — key without ':' or brackets, a non-empty value, whitespace, a non-empty message.
+_LINE = re.compile(r"^\[(?P<key>[^:\[\]]+):(?P<value>[^\[\]]+)\]\s+(?P<message>\S.*)$")
+
+
+class CombinationFileError(ValueError):
+    """A combination file that cannot be read or parsed; the message names the file (and line)."""
+
+
+@dataclass(frozen=True)
+class MemoryLine:
+    memory: str    # the bracketed item as written, e.g. "[오늘 일정: 친구랑 카페 방문]"
+    key: str       # "오늘 일정"
+    value: str     # "친구랑 카페 방문"
+    message: str   # "아 오늘 뭐 입고 나가지"
+    line_no: int   # 1-based line number in its file
+
+
+def normalise_key(key: str) -> str:
+    """Collapse whitespace and map aliases (`좋아하는 아이돌` → `좋아하는 가수`)."""
+    key = " ".join(key.split())
+    return KEY_ALIASES.get(key, key)
+
+
+def key_similarity(key_a: str, key_b: str) -> float:
+    """1.0 for the same (normalised) key, else the IoU of the keys' word sets, rounded to 4 decimals."""
+    a, b = normalise_key(key_a), normalise_key(key_b)
+    if a == b:
+        return 1.0
+    words_a, words_b = set(a.split(" ")), set(b.split(" "))
+    return round(len(words_a & words_b) / len(words_a | words_b), 4)
+
+
+def parse_line(text: str, source: str = "<string>", line_no: int = 1) -> MemoryLine:
+    """Parse one `[key: value] message` line; raise CombinationFileError naming `source:line_no`."""
+    match = _LINE.match(text.strip())
+    if match is None:
+        raise CombinationFileError(
+            f"{source}:{line_no}: expected '[key: value] message', got {text.strip()[:60]!r}")
+    key, value = " ".join(match["key"].split()), match["value"].strip()
+    if not key or not value:
+        raise CombinationFileError(f"{source}:{line_no}: empty memory key or value in {text.strip()[:60]!r}")
+    memory = text.strip()[: match.end("value") + 1]
+    return MemoryLine(memory=memory, key=key, value=value, message=match["message"].strip(), line_no=line_no)
+
+
+def read_combinations(path: str | os.PathLike) -> list[MemoryLine]:
+    """All lines of a combination file (UTF-8, blank lines skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such combination file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line_no = raw[: err.start].count(b"\n") + 1
+        raise CombinationFileError(f"{path}:{line_no}: not valid UTF-8 (byte offset {err.start})") from None
+    lines = [parse_line(line, str(path), i) for i, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    if not lines:
+        raise CombinationFileError(f"{path}: no combination lines")
+    return lines
+
+
+def build_pairs(lines: list[MemoryLine]) -> pd.DataFrame:
+    """N lines → N×N rows (memory of line i, message of line j, key score), i-major order."""
+    rows = [(a.memory, b.message, key_similarity(a.key, b.key)) for a in lines for b in lines]
+    return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def write_csv_atomic(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write `df` as UTF-8 CSV via a temp file + os.replace (never a half-written CSV)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        df.to_csv(tmp, index=False, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def generate(combs_path: str | os.PathLike, out_csv: str | os.PathLike) -> pd.DataFrame:
+    df = build_pairs(read_combinations(combs_path))
+    write_csv_atomic(df, out_csv)
+    return df
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data.memory_pairs", description=__doc__.split("\n\n")[0])
+    parser.add_argument("combs", help="combination file: one '[key: value] message' per line")
+    parser.add_argument("out_csv", help="output CSV (memory_0, user_prompt_1, similarity_score)")
+    args = parser.parse_args(argv)
+    try:
+        df = generate(args.combs, args.out_csv)
+    except (CombinationFileError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    n = int(round(len(df) ** 0.5))
+    exact = int((df["similarity_score"] == 1.0).sum())
+    print(f"{args.out_csv}: {len(df)} pairs from {n} lines ({exact} with score 1.0)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
