@@ -1,0 +1,142 @@
+"""`LoRALinear`: a frozen `nn.Linear` plus a trainable low-rank update (Hu et al., 2021, arXiv:2106.09685).
+
+Everything about one LoRA layer lives here: the math, the initialisation (matching PEFT 0.21), merging the
+update into the frozen weight for inference, and the dtype rules when the base is bf16/fp16.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def check_init(init: bool | str) -> bool | str:
+    """Validate `init` (PEFT's `init_lora_weights`, so it round-trips through adapter_config.json)."""
+    if isinstance(init, bool):
+        return init
+    if isinstance(init, str) and init.lower() == "gaussian":
+        return "gaussian"
+    raise ValueError(f"LoRA init must be True (Kaiming-uniform A), 'gaussian' or False, got {init!r}")
+
+
+class LoRALinear(nn.Module):
+    r"""A linear layer y = W·x + b, frozen, plus a trainable rank-r update:
+
+        y = W·x + b + s · B·A·dropout(x),     s = α / r      (or α / √r with `use_rslora`)
+
+    Shapes (x: (..., in), y: (..., out)):
+        W: (out, in) and b: (out,)  the base weights, frozen; kept as this module's own `weight`/`bias`
+        A: (r, in)                  `lora_A.weight`, projects x down to r numbers
+        B: (out, r)                 `lora_B.weight`, projects them back up
+    so B·A is an (out, in) matrix of rank ≤ r, and training it costs r·(in + out) parameters instead of in·out.
+
+    Initialisation (`init`, PEFT's `init_lora_weights`):
+        True        A ~ Kaiming-uniform(a=√5) (nn.Linear's default, i.e. U(-1/√in, 1/√in)), B = 0
+        "gaussian"  A ~ Normal(0, std=1/r), B = 0  (what the original Oh-LoRA adapter was trained with)
+        False       A and B both Kaiming-uniform: the adapter changes the output from step 0 (for tests)
+    B starts at zero so that B·A = 0: a fresh adapter leaves the model's outputs exactly as they were, and
+    training starts from the pretrained model. A must *not* be zero too, or the gradient of B (which is
+    s·grad_y·(A·x)ᵀ) would be zero and nothing would ever learn.
+
+    The scale s = α/r decouples the step size from r: with α fixed, doubling r does not double the size of the
+    update, so a learning rate tuned at one r roughly carries over. rsLoRA (Kalajdzievski, 2023) argues that
+    α/r shrinks the update too much at large r and uses s = α/√r instead.
+
+    Parameter names: W and b stay this module's `weight` and `bias` (no `base_layer.` in between, unlike PEFT),
+    so every base key of the model's state_dict is unchanged by injection; the adapter adds
+    `<name>.lora_A.weight` and `<name>.lora_B.weight`, exactly PEFT's saved key names.
+
+    dtypes: the adapter may be kept in a wider dtype than the base (default: fp32 adapter on a bf16/fp16
+    base, as PEFT does), because tiny updates to A and B vanish in bf16 rounding. Without autocast, forward
+    casts x to the adapter dtype for the LoRA path and casts the sum back to the base output's dtype. Under
+    `torch.autocast` both matmuls run in autocast's dtype (autocast casts their inputs), so x is not cast.
+
+    Merging: `merge()` adds s·B·A into W (computed in fp32, then rounded to W's dtype) so inference costs one
+    plain matmul; `unmerge()` subtracts it again. In fp32 that round trip is exact to ~1e-7 relative; in
+    bf16, W + Δ is rounded to 8 bits of mantissa, so W + Δ - Δ differs from W by up to one bf16 ulp of |W|+|Δ|.
+    While merged, the LoRA path is skipped (it is already in W) and A, B get no gradients.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                 init: bool | str = True, adapter_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        if not (isinstance(r, int) and r > 0):
+            raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        # The base Parameters themselves (not copies): same storage, same device, works on the meta device.
+        self.weight = base.weight                                   # (out, in)
+        self.register_parameter("bias", base.bias)                  # (out,) or None
+        self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, float(dropout), use_rslora
+        self.init = check_init(init)
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        # Adapter dtype: at least fp32 (bf16 base -> fp32 adapter; fp64 base -> fp64 adapter).
+        dtype = adapter_dtype or torch.promote_types(base.weight.dtype, torch.float32)
+        factory = {"device": base.weight.device, "dtype": dtype}
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)   # weight (r, in)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)  # weight (out, r)
+        self.merged = False
+        self.reset_lora_parameters()
+
+    @torch.no_grad()
+    def reset_lora_parameters(self) -> None:
+        """(Re)initialise A and B as described by `init` (PEFT's `init_lora_weights`)."""
+        if self.init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1.0 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        if self.init is False:
+            nn.init.kaiming_uniform_(self.lora_B.weight, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:           # x: (..., in)
+        y = F.linear(x, self.weight, self.bias)                      # (..., out), base dtype
+        if self.merged:                                              # s·B·A already lives inside W
+            return y
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.weight.dtype)                        # no-op when the dtypes agree
+        if self.training and self.dropout > 0.0:                     # skip the call entirely otherwise
+            x = F.dropout(x, p=self.dropout, training=True)
+        update = self.lora_B(self.lora_A(x)) * self.scaling          # (..., r) -> (..., out); B·A never formed
+        return (y + update).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s·B·A as an (out, in) matrix, computed in fp32 (or wider, for fp64 adapters)."""
+        dtype = torch.promote_types(self.lora_A.weight.dtype, torch.float32)
+        return (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype)) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W <- W + s·B·A (rounded to W's dtype). Forward then costs exactly one nn.Linear."""
+        if self.merged:
+            raise RuntimeError("LoRALinear.merge: the adapter is already merged")
+        self.weight.add_(self.delta_weight().to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W <- W - s·B·A: undo `merge()` (exact up to rounding in W's dtype; see the class docstring)."""
+        if not self.merged:
+            raise RuntimeError("LoRALinear.unmerge: the adapter is not merged")
+        self.weight.sub_(self.delta_weight().to(self.weight.dtype))
+        self.merged = False
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear holding W + s·B·A (just W if already merged); this layer is left unchanged."""
+        w = self.weight if self.merged else self.weight + self.delta_weight().to(self.weight.dtype)
+        linear = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")  # no allocation
+        linear.weight = w if self.merged else nn.Parameter(w, requires_grad=self.weight.requires_grad)
+        linear.register_parameter("bias", self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        scale = f"α/√r={self.scaling:g}" if self.use_rslora else f"α/r={self.scaling:g}"
+        return (f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha:g}, {scale}, "
+                f"dropout={self.dropout:g}, merged={self.merged}")
