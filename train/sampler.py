@@ -338,6 +338,16 @@ def generate(model: torch.nn.Module, tokenizer, prompts: list[str], config: Samp
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     generator = _make_generator(config, device)
+    was_training = model.training
+    model.eval()                                    # no dropout while generating (restored afterwards)
+    try:
+        return _generate_with_retries(model, tokenizer, prompts, config, stream, device, generator)
+    finally:
+        model.train(was_training)
+
+
+def _generate_with_retries(model, tokenizer, prompts: list[str], config: SamplingConfig, stream: StreamFn | None,
+                           device: torch.device, generator: torch.Generator | None) -> list[str]:
     eos = getattr(tokenizer, "eos_token_id", None)
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = pad if pad is not None else (eos if eos is not None else 0)

@@ -1,0 +1,295 @@
+"""`python -m train.chat`: talk to the fine-tuned model, with an S-BERT memory of `[key: value]` items.
+
+One turn:
+
+    best = memory.best_memory(message)                      # most similar stored item, cosine >= 0.6, or None
+    prompt = PromptTemplate().prompt(f"{best} {message}")    # "{input} (답변 시작) ### 답변:"
+    raw = generate(model, tokenizer, [prompt], config)[0]   # until "(답변 종료)", EOS or max_new_tokens
+    memory += extract_memory_items(raw)                     # e.g. "[좋아하는 음식: 떡볶이]", saved to the file
+    show strip_memory_items(raw)                             # the answer without its [key: value] items
+
+Model: `--model DIR` (a GPT-NeoX HF folder with tokenizer.json) + `--adapter DIR` (PEFT LoRA), merged into the
+weights once at start-up so decoding costs the same as the base model. With neither flag it uses what
+`python -m train.sft` saved: the adapter `runs/sft/best/` and its base (the folder the adapter names, else
+`runs/sft/base/`).
+
+Memory: `--memory-model DIR` (a sentence-transformers folder; default `runs/sbert/best` when
+`python -m sbert.train` has made it) and `--memory-store FILE` (default `runs/memory.txt`). Without a memory
+model the chat works without memory (said once) but still saves the items answers produce.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from data.sft import PromptTemplate
+from sbert.memory import MemoryStore, extract_memory_items, strip_memory_items
+from train.sampler import SamplingConfig, generate
+
+DEFAULT_BASE = Path("runs/sft/base")
+DEFAULT_ADAPTER = Path("runs/sft/best")
+DEFAULT_STORE = Path("runs/memory.txt")
+DEFAULT_MEMORY_MODEL = Path("runs/sbert/best")
+EXIT_WORDS = {"exit", "quit", "/exit", "/quit", "종료"}
+
+
+class ChatError(ValueError):
+    """A chat set-up or input problem, with a message meant for the user (CLI: printed, exit 2)."""
+
+
+@dataclass
+class ChatReply:
+    answer: str                                  # shown to the user: no [key: value] items
+    raw: str                                     # what the model produced (stop marker already cut)
+    prompt: str                                  # the full prompt given to the model
+    memory: tuple[str, float] | None = None      # the item prepended to the message, with its cosine
+    stored: list[str] = field(default_factory=list)  # items from the answer that changed the store
+
+
+class ItemFilter:
+    """Streams text with `[key: value]` items removed and whitespace collapsed, as `strip_memory_items` does.
+
+    Text from a `[` on is held until its `]` shows whether it is an item (dropped) or plain text (shown);
+    whitespace is held until a visible character follows, so the pieces concatenate to exactly
+    `strip_memory_items(full_text)`."""
+
+    _ITEM = re.compile(r"\[\s*[^\[\]:]+?\s*:\s*[^\[\]]*?[^\[\]\s][^\[\]]*?\s*\]")  # sbert.memory.ITEM_PATTERN
+    _WORDS = re.compile(r"(\s+)")
+
+    def __init__(self, write: Callable[[str], None]):
+        self.write = write
+        self.buf = ""
+        self.started = False
+        self.space = False
+
+    def feed(self, piece: str) -> None:
+        self.buf += piece
+        self._drain(final=False)
+
+    def close(self) -> None:
+        self._drain(final=True)
+
+    def _drain(self, final: bool) -> None:
+        while self.buf:
+            start = self.buf.find("[")
+            if start != 0:                                   # plain text up to the next "[" (or all of it)
+                cut = len(self.buf) if start < 0 else start
+                self._text(self.buf[:cut])
+                self.buf = self.buf[cut:]
+                continue
+            close, reopen = self.buf.find("]"), self.buf.find("[", 1)
+            if reopen >= 0 and (close < 0 or reopen < close):  # "[" ... "[": the first one opens no item
+                self._text(self.buf[:reopen])
+                self.buf = self.buf[reopen:]
+            elif close >= 0:
+                candidate, self.buf = self.buf[:close + 1], self.buf[close + 1:]
+                self._text(" " if self._ITEM.fullmatch(candidate) else candidate)
+            elif final:
+                self._text(self.buf)
+                self.buf = ""
+            else:
+                return                                       # wait for "]"
+
+    def _text(self, text: str) -> None:
+        for part in self._WORDS.split(text):
+            if not part:
+                continue
+            if part.isspace():
+                self.space = self.started
+                continue
+            self.write((" " if self.space else "") + part)
+            self.started, self.space = True, False
+
+
+class ChatSession:
+    """Model + tokenizer + memory. `reply(message)` runs one turn; `generate_fn` is the sampler (swappable so
+    tests can force an exact answer)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, config: SamplingConfig | None = None,
+                 memory: MemoryStore | None = None, *, use_memory_search: bool = True,
+                 template: PromptTemplate | None = None, generate_fn: Callable | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.config = config or SamplingConfig()
+        self.memory = memory
+        self.use_memory_search = use_memory_search and memory is not None
+        self.template = template or PromptTemplate()
+        self.generate_fn = generate_fn
+
+    def reply(self, message: str, stream: Callable[[str], None] | None = None) -> ChatReply:
+        message = " ".join((message or "").split())
+        if not message:
+            raise ChatError("empty message: type something to say to 오로라")
+        best = self.memory.best_memory(message) if self.use_memory_search and len(self.memory) else None
+        user_text = f"{best[0]} {message}" if best else message
+        prompt = self.template.prompt(user_text)
+        item_filter = ItemFilter(stream) if stream is not None else None
+        on_piece = (lambda _row, piece: item_filter.feed(piece)) if item_filter is not None else None
+        generate_fn = self.generate_fn or generate   # looked up at call time (tests patch train.chat.generate)
+        raw = generate_fn(self.model, self.tokenizer, [prompt], self.config, stream=on_piece)[0]
+        if item_filter is not None:
+            item_filter.close()
+        stored = []
+        if self.memory is not None:
+            stored = [item for item in extract_memory_items(raw) if self.memory.add(item)]
+            if stored and self.memory.path is not None:
+                self.memory.save()
+        return ChatReply(strip_memory_items(raw), raw, prompt, best, stored)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------
+
+def resolve_model_dirs(model: str | Path | None, adapter: str | Path | None) -> tuple[Path, Path | None]:
+    """(base folder, adapter folder or None) from the flags, falling back to what `train.sft` saved."""
+    if model is not None:
+        model = Path(model)
+        if not model.is_dir():
+            raise ChatError(f"{model}: --model folder not found")
+        return model, Path(adapter) if adapter is not None else None
+    adapter = Path(adapter) if adapter is not None else DEFAULT_ADAPTER
+    if not (adapter / "adapter_config.json").is_file():
+        if adapter == DEFAULT_ADAPTER:
+            raise ChatError(f"{DEFAULT_ADAPTER}: no trained adapter found — run `python -m train.sft` first "
+                            "(it saves the bundled default model and its adapter), or pass --model DIR --adapter DIR")
+        raise ChatError(f"{adapter}: no adapter_config.json (not a LoRA adapter folder)")
+    try:
+        named = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get(
+            "base_model_name_or_path")
+    except (json.JSONDecodeError, AttributeError):
+        named = None
+    if named and (Path(named) / "config.json").is_file():
+        return Path(named), adapter
+    if (DEFAULT_BASE / "config.json").is_file():
+        return DEFAULT_BASE, adapter
+    raise ChatError(f"{adapter}: its base model {named!r} is not a folder here and {DEFAULT_BASE} is missing — "
+                    "pass --model DIR (or run `python -m train.sft` first)")
+
+
+def load_chat_model(model_dir: Path, adapter_dir: Path | None, dtype: torch.dtype = torch.float32):
+    """(merged model in eval mode, tokenizer). The tokenizer is read from the model folder, else the adapter's."""
+    from gptneox.load import load_model
+    from gptneox.tokenizer import Tokenizer
+    from lora import load_adapter, merge_lora
+
+    if not (model_dir / "config.json").is_file():
+        raise ChatError(f"{model_dir}: no config.json — not a GPT-NeoX model folder")
+    tok_dir = next((d for d in (model_dir, adapter_dir) if d is not None and (d / "tokenizer.json").is_file()), None)
+    if tok_dir is None:
+        raise ChatError(f"{model_dir}: no tokenizer.json next to the model (nor in the adapter folder)")
+    model = load_model(model_dir, dtype=dtype)
+    if adapter_dir is not None:
+        if not adapter_dir.is_dir():
+            raise ChatError(f"{adapter_dir}: --adapter folder not found")
+        load_adapter(model, adapter_dir)
+        merge_lora(model)
+    return model.eval(), Tokenizer.from_folder(tok_dir)
+
+
+def load_memory(store_path: Path, memory_model: str | Path | None, no_memory: bool) -> tuple[MemoryStore, str | None]:
+    """(store, note). The store always loads (items are saved even without search); search needs an encoder."""
+    note = None
+    encoder = None
+    if not no_memory:
+        folder = Path(memory_model) if memory_model is not None else DEFAULT_MEMORY_MODEL
+        if folder.is_dir():
+            from sbert.model import SentenceEncoder
+            encoder = SentenceEncoder.load(folder)
+        elif memory_model is not None:
+            raise ChatError(f"{folder}: --memory-model folder not found")
+        else:
+            note = (f"note: no memory model ({DEFAULT_MEMORY_MODEL} not found; run `python -m sbert.train` or pass "
+                    f"--memory-model DIR): chatting without memory; new items are still saved to {store_path}")
+    else:
+        note = f"note: memory search off (--no-memory); new items are still saved to {store_path}"
+    return MemoryStore.load(store_path, encoder=encoder, missing_ok=True), note
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train.chat", description="Chat with the LoRA-tuned Oh-LoRA model.")
+    p.add_argument("--model", help=f"GPT-NeoX HF folder (default: the base the adapter names, else {DEFAULT_BASE})")
+    p.add_argument("--adapter", help=f"LoRA adapter folder (default: {DEFAULT_ADAPTER} when --model is not given)")
+    p.add_argument("--memory-model", help=f"sentence-transformers folder (default: {DEFAULT_MEMORY_MODEL} if present)")
+    p.add_argument("--memory-store", default=str(DEFAULT_STORE), help=f"memory items file (default {DEFAULT_STORE})")
+    p.add_argument("--no-memory", action="store_true", help="do not search the memory (items are still saved)")
+    p.add_argument("--once", metavar="MESSAGE", help="answer one message, print it and exit (for scripts)")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=80)
+    p.add_argument("--max-trials", type=int, default=30, help="regenerate an empty answer up to this many times")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="model weights dtype (bf16: faster, "
+                                                                             "half the memory for a 1.3B model)")
+    return p
+
+
+def _print_turn_notes(reply: ChatReply) -> None:
+    if reply.memory is not None:
+        print(f"  (memory: {reply.memory[0]}, cosine {reply.memory[1]:.2f})", file=sys.stderr)
+    for item in reply.stored:
+        print(f"  (remembered: {item})", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.once is not None and not args.once.strip():
+            raise ChatError("--once: empty message")
+        config = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                                max_trials=args.max_trials, seed=args.seed)
+        model_dir, adapter_dir = resolve_model_dirs(args.model, args.adapter)
+        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        model, tokenizer = load_chat_model(model_dir, adapter_dir, dtype)
+        memory, note = load_memory(Path(args.memory_store), args.memory_model, args.no_memory)
+    except (ValueError, OSError) as e:   # ChatError, config/adapter/tokenizer/memory errors, missing files
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if note:
+        print(note, file=sys.stderr)
+    session = ChatSession(model, tokenizer, config, memory, use_memory_search=memory.encoder is not None)
+
+    if args.once is not None:
+        reply = session.reply(args.once)
+        _print_turn_notes(reply)
+        print(reply.answer)
+        return 0
+
+    print(f"model {model_dir}" + (f" + adapter {adapter_dir}" if adapter_dir else "") +
+          " — type a message (Ctrl-D or 'exit' to quit)", file=sys.stderr)
+    while True:
+        try:
+            message = input("나> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if message.strip().lower() in EXIT_WORDS:
+            return 0
+        if not message.strip():
+            print("  (empty message — type something, or 'exit' to quit)", file=sys.stderr)
+            continue
+        print("오로라> ", end="", flush=True)
+        try:
+            reply = session.reply(message, stream=lambda piece: print(piece, end="", flush=True))
+        except KeyboardInterrupt:
+            print("\n  (interrupted)", file=sys.stderr)
+            continue
+        print(flush=True)
+        _print_turn_notes(reply)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
