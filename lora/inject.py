@@ -101,9 +101,10 @@ def inject_lora(model: nn.Module, config: LoRAConfig, *, adapter_dtype: torch.dt
     matched = plan_injection(model, config, require_every_target=require_every_target)
     model.requires_grad_(False)
     for name in matched:
-        _replace(model, name, LoRALinear(model.get_submodule(name), r=config.r, alpha=config.alpha,
-                                         dropout=config.dropout, use_rslora=config.use_rslora, init=config.init,
-                                         adapter_dtype=adapter_dtype))
+        base = model.get_submodule(name)
+        layer = LoRALinear(base, r=config.r, alpha=config.alpha, dropout=config.dropout,
+                           use_rslora=config.use_rslora, init=config.init, adapter_dtype=adapter_dtype)
+        _replace(model, name, layer.train(base.training))   # an eval() model stays in eval mode (no dropout)
     model.lora_config = config
     params = list(model.parameters())
     return LoRAReport(wrapped=matched, trainable=sum(p.numel() for p in params if p.requires_grad),

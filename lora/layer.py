@@ -81,7 +81,8 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)   # weight (r, in)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)  # weight (out, r)
         self.merged = False
-        self.reset_lora_parameters()
+        if self.init is not False:   # init=False keeps nn.Linear's own Kaiming-uniform init of A and B (PEFT too)
+            self.reset_lora_parameters()
 
     @torch.no_grad()
     def reset_lora_parameters(self) -> None:
