@@ -1,0 +1,135 @@
+"""A toy "frozen base + LoRA-like adapter" model and a training routine for the train/distributed.py tests.
+
+Run by torchrun (`python -m torch.distributed.run --nproc-per-node 2 tests/dist_toy.py MODE OUT`) and imported
+by the tests for the single-process reference. MODE: ddp | fsdp | die.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from train.distributed import (DistInfo, apply_fsdp, distributed_session, full_optimizer_state_dict,  # noqa: E402
+                               full_trainable_params, grad_sync, load_full_tensor, load_optimizer_state_dict,
+                               loss_scale, on_main, shard, trainable_state_dict, wrap_ddp, all_reduce_sum,
+                               gather_objects)
+
+DIM, N_LAYERS, N_BATCHES, BATCH, STEPS, ACCUM = 16, 3, 12, 3, 3, 2
+
+
+class ToyLayer(nn.Module):
+    """y = relu(W x + s·B A x) + x with W frozen (the "base") and A, B trainable."""
+
+    def __init__(self):
+        super().__init__()
+        self.base = nn.Linear(DIM, DIM)
+        self.base.requires_grad_(False)
+        self.lora_A = nn.Parameter(torch.randn(4, DIM) * 0.3)
+        self.lora_B = nn.Parameter(torch.randn(DIM, 4) * 0.3)
+
+    def forward(self, x):
+        return torch.relu(self.base(x) + x @ self.lora_A.t() @ self.lora_B.t()) + x
+
+
+class ToyLoss(nn.Module):
+    """forward(x, y, mask) -> (summed squared error over the unmasked rows, their count), like the SFT loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(ToyLayer() for _ in range(N_LAYERS))
+        self.head = nn.Linear(DIM, 1)  # trainable, with a bias: a 1-row tensor FSDP shards unevenly
+
+    def forward(self, x, y, mask):
+        for layer in self.layers:
+            x = layer(x)
+        err = (self.head(x).squeeze(-1) - y) ** 2
+        return (err * mask).sum(), int(mask.sum())
+
+
+def make_model() -> ToyLoss:
+    torch.manual_seed(0)
+    return ToyLoss()
+
+
+def make_batches() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(N_BATCHES):
+        mask = (torch.rand(BATCH, generator=g) > 0.3).float()  # uneven counts per batch
+        mask[0] = 1.0
+        out.append((torch.randn(BATCH, DIM, generator=g), torch.randn(BATCH, generator=g), mask))
+    return out
+
+
+def train(info: DistInfo, mode: str, accum: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """STEPS optimizer steps; each step covers `accum × world` consecutive batches of the global list."""
+    model = make_model()
+    module: nn.Module = model
+    if mode == "fsdp":
+        module = apply_fsdp(model, info, list(model.layers))
+    elif mode == "ddp":
+        module = wrap_ddp(model, info)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=0.05, weight_decay=0.01)
+    mine = shard(make_batches(), info.rank, info.world_size)
+    for step in range(STEPS):
+        window = mine[step * accum:(step + 1) * accum]
+        n_local = 0
+        for k, (x, y, m) in enumerate(window):
+            with grad_sync(module, sync=k == len(window) - 1):
+                loss, n = module(x, y, m)
+                loss.backward()
+            n_local += n
+        factor, _ = loss_scale(n_local, info)
+        for p in params:
+            p.grad.mul_(factor)
+        torch.nn.utils.clip_grad_norm_(params, 5.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model, opt
+
+
+def main() -> None:
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    with distributed_session() as info:
+        if mode == "die":  # both ranks all-reduce in a loop until the test kills or stops rank 1
+            all_reduce_sum([1.0])
+            print(f"rank {info.rank} ready", flush=True)
+            for _ in range(100000):
+                all_reduce_sum([1.0])
+                time.sleep(0.01)
+            return
+        model, opt = train(info, mode, accum=1)
+        state = trainable_state_dict(model)                  # collective under FSDP
+        optim_sd = full_optimizer_state_dict(opt)            # collective under FSDP
+        with full_trainable_params(model):                   # plain tensors for a plain writer
+            seen = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+
+        def write() -> None:
+            from safetensors.torch import save_file
+            save_file(state, str(out / f"{mode}.safetensors"))
+            torch.save(optim_sd, out / f"{mode}_optim.pt")
+            (out / f"{mode}_shapes.txt").write_text(repr({n: list(s) for n, s in seen.items()}))
+        on_main(info, write)
+        # write-back round trip: the gathered state loads into the (sharded) model and optimizer unchanged
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                load_full_tensor(p, state[n] * 0 + state[n])
+        load_optimizer_state_dict(opt, optim_sd)
+        again = full_optimizer_state_dict(opt)
+        diff = max(float((again["state"][k]["exp_avg"] - optim_sd["state"][k]["exp_avg"]).abs().max())
+                   for k in optim_sd["state"])
+        local_numel = {n: p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+                       for n, p in model.named_parameters()}
+        numels = gather_objects(local_numel)
+        on_main(info, lambda: (out / f"{mode}_check.txt").write_text(
+            repr({"optim_roundtrip": diff, "numel_per_rank": numels})))
+
+
+if __name__ == "__main__":
+    main()
