@@ -1,0 +1,93 @@
+"""Build a LoRA-injected GPT-NeoX *already sharded* by FSDP2, never holding the full base on any rank.
+
+The plain path (`gptneox.load.load_model`, then `inject_lora`, then `fully_shard`) would put the whole base in
+every rank's memory before sharding it — the peak that FSDP is meant to remove. Here instead:
+
+1. the model is built on the meta device (no memory) and LoRA is injected with the same seed as the plain
+   path; the adapter's initial values are computed for real on stand-in base weights that occupy one element
+   each (stride-0 views), so they equal the plain path's bit for bit;
+2. `apply_fsdp` shards the meta model (each transformer layer, then the root), `to_empty` gives every rank
+   storage for its 1/N shards only;
+3. the checkpoint is read one tensor at a time and each rank copies its own shard (`load_full_tensor`), so the
+   peak is the shards plus the largest single tensor.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from train.distributed import DistInfo, apply_fsdp, load_full_tensor
+
+
+def build_fsdp_lora_model(model_dir: str | os.PathLike, dtype: torch.dtype, lora_config, seed: int,
+                          info: DistInfo, make_root: Callable[[nn.Module], nn.Module]):
+    """-> (model, root, report): `model` the GPTNeoXForCausalLM with LoRA, `root = make_root(model)` (e.g. the
+    loss module the trainer calls) sharded with FSDP2 over the ranks of `info`, `report` inject_lora's.
+
+    Same weights as `load_model(model_dir, dtype)` + `torch.manual_seed(seed)` + `inject_lora(model, config)`.
+    """
+    from gptneox.config import GPTNeoXConfig
+    from gptneox.load import IGNORED_KEY, KEY_ALIASES, CheckpointError, weight_files
+    from gptneox.model import GPTNeoXForCausalLM
+    from lora import inject_lora
+    from lora.inject import lora_layers, plan_injection
+
+    model_dir = Path(model_dir)
+    config = GPTNeoXConfig.from_json(model_dir / "config.json")
+    files = weight_files(model_dir)
+    with torch.device("meta"):
+        model = GPTNeoXForCausalLM(config).to(dtype)
+    model.eval()  # as load_model returns it; the trainer switches to train()
+
+    # 1) LoRA values as the plain path makes them: stand-in base weights on the real device, 1 element each
+    for name in plan_injection(model, lora_config):
+        linear = model.get_submodule(name)
+        linear.weight = nn.Parameter(torch.zeros((), dtype=dtype, device=info.device).expand(linear.weight.shape),
+                                     requires_grad=False)
+    torch.manual_seed(seed)
+    report = inject_lora(model, lora_config)
+    lora_init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for _, layer in lora_layers(model):  # back to meta: nothing real may reach fully_shard but the adapter values
+        layer.weight = nn.Parameter(torch.empty(layer.weight.shape, dtype=dtype, device="meta"), requires_grad=False)
+    model.to("meta")
+
+    # 2) shard the meta model, then give each rank storage for its shards only
+    root = make_root(model)
+    apply_fsdp(root, info, list(model.gpt_neox.layers), sync_trainable=False)
+    root.to_empty(device=info.device)
+
+    # 3) fill the shards: checkpoint tensors one at a time, then the adapter's initial values
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for file_key in f.keys():
+                key = KEY_ALIASES.get(file_key, file_key)
+                if IGNORED_KEY.search(key):
+                    continue
+                if key not in params and key == "embed_out.weight" and config.tie_word_embeddings:
+                    continue  # the tied output projection is embed_in's weight
+                if key not in params:
+                    raise CheckpointError(f"{path}: unexpected tensor {file_key!r} for this config.json")
+                full = f.get_tensor(file_key)
+                if tuple(full.shape) != tuple(params[key].shape):
+                    raise CheckpointError(f"{path}: {file_key} has shape {tuple(full.shape)}, "
+                                          f"config.json implies {tuple(params[key].shape)}")
+                load_full_tensor(params[key], full.to(device=info.device, dtype=dtype))
+                loaded.add(key)
+                del full
+    for name, value in lora_init.items():
+        load_full_tensor(params[name], value)
+        loaded.add(name)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise CheckpointError(f"{model_dir}: checkpoint does not match config.json: missing {', '.join(missing[:8])}")
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    if trainable != sorted(lora_init):  # to("meta") / to_empty keep requires_grad; make sure of it
+        raise RuntimeError("build_fsdp_lora_model: trainable parameters changed while sharding")
+    return model, root, report
