@@ -115,7 +115,11 @@ def load_model(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
     for path, keys in by_file.items():
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             for key, file_key in keys:
-                state[key] = f.get_tensor(file_key).to(dtype=dtype).contiguous()
+                t = f.get_tensor(file_key)
+                # A CPU tensor of the file's dtype would stay a copy-on-write view of the mmapped file (and
+                # die with SIGBUS if the file were truncated later): always own the memory.
+                t = t.to(dtype=dtype) if t.dtype != dtype else (t.clone() if t.device.type == "cpu" else t)
+                state[key] = t.contiguous()
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]

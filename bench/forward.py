@@ -1,0 +1,177 @@
+"""Our GPT-NeoX vs transformers on the Polyglot-Ko-1.3B shape (random weights), bf16, CPU — one run, same machine.
+
+Prints: forward time (batch 4 x 128), 80 greedy decode steps (batch 1), the ratios, the weight-read bound of
+decoding (bf16 weights bytes / measured memory bandwidth), and peak RSS of loading the sharded folder
+(ours vs `from_pretrained`, each in a fresh subprocess).
+
+    flock /tmp/ohlora-heavy.lock python -m bench.forward            # full run (~10 GB RAM peak, minutes)
+    python -m bench.forward --layers 2 --repeats 1 --skip-rss       # quick smoke run
+
+The random 1.3B folder (fp16, 3 shards + index, like the real download) is cached under /tmp.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from gptneox import GPTNeoXConfig, GPTNeoXForCausalLM, load_model, save_pretrained
+
+
+def build_folder(config: GPTNeoXConfig, folder: Path) -> Path:
+    """Random fp16 model saved as 3 shards + index (reused when config.json matches)."""
+    marker = folder / "config.json"
+    if marker.is_file() and GPTNeoXConfig.from_json(marker) == config and any(folder.glob("*.index.json")):
+        return folder
+    with torch.device("meta"):
+        model = GPTNeoXForCausalLM(config)
+    model = model.to(dtype=torch.float16).to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.reset_parameters()
+    with torch.no_grad():  # LayerNorm not exactly 1/0, so the comparison exercises them
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    save_pretrained(model, folder, max_shard_size=total // 3 + 2**20)
+    return folder
+
+
+def memory_bandwidth_gbs(size_mb: int = 1024, repeats: int = 5) -> float:
+    """Copy bandwidth (bytes read + bytes written per second) with a big tensor copy."""
+    src = torch.empty(size_mb * 2**20, dtype=torch.uint8).fill_(1)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() / best / 1e9
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of `repeats` calls after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def ours_greedy(model: GPTNeoXForCausalLM, prompt: torch.Tensor, steps: int) -> torch.Tensor:
+    cache = model.new_cache()
+    h = model.gpt_neox(prompt, cache=cache)
+    token = model.embed_out(h[:, -1:]).argmax(-1)  # (B, 1)
+    out = [token]
+    for _ in range(steps - 1):
+        token = model(token, cache=cache)[:, -1:].argmax(-1)
+        out.append(token)
+    return torch.cat(out, 1)
+
+
+@torch.inference_mode()
+def hf_greedy(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps,
+                         min_new_tokens=steps, do_sample=False, pad_token_id=0)
+    return out[:, prompt.shape[1]:]
+
+
+RSS_SNIPPET = """
+import resource, sys, torch
+which, folder = sys.argv[1], sys.argv[2]
+if which == "ours":
+    from gptneox import load_model
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model = load_model(folder, dtype=torch.bfloat16)
+else:
+    from transformers import GPTNeoXForCausalLM
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model = GPTNeoXForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+n = sum(p.numel() for p in model.parameters())
+print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, n)
+"""
+
+
+def peak_rss_mb(which: str, folder: Path) -> tuple[float, float]:
+    """(RSS after imports, peak RSS after loading) in MB, measured in a fresh subprocess."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(Path.cwd()))
+    out = subprocess.run([sys.executable, "-c", RSS_SNIPPET, which, str(folder)], check=True, env=env,
+                         capture_output=True, text=True).stdout.split()
+    return int(out[0]) / 1024, int(out[1]) / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=None, help="fewer layers for a quick run (default: all 24)")
+    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--folder", default="/tmp/ohlora-bench-polyglot-1.3b")
+    ap.add_argument("--skip-rss", action="store_true")
+    args = ap.parse_args()
+    from transformers import GPTNeoXForCausalLM as HFModel
+
+    config = GPTNeoXConfig.polyglot_ko_1_3b()
+    folder = Path(args.folder)
+    if args.layers:
+        config = replace(config, num_hidden_layers=args.layers)
+        folder = folder.with_name(folder.name + f"-{args.layers}l")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, config {config}")
+    build_folder(config, folder)
+    ours = load_model(folder, dtype=torch.bfloat16)
+    hf = HFModel.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+    print(f"parameters {ours.num_parameters():,} ({weight_bytes / 1e9:.2f} GB in bf16)")
+
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, config.vocab_size, (4, 128), generator=g)
+    with torch.inference_mode():
+        diff = (ours(batch[:1, :32]).float() - hf(input_ids=batch[:1, :32]).logits.float()).abs().max().item()
+    print(f"bf16 logits max |ours - HF| on 1x32: {diff:.3g}")
+
+    results = {}
+    with torch.inference_mode():
+        results["forward_ours"] = timed(lambda: ours(batch), args.repeats)
+        results["forward_hf"] = timed(lambda: hf(input_ids=batch).logits, args.repeats)
+    prompt = batch[:1, :args.prompt_len]
+    results["decode_ours"] = timed(lambda: ours_greedy(ours, prompt, args.steps), args.repeats)
+    results["decode_hf"] = timed(lambda: hf_greedy(hf, prompt, args.steps), args.repeats)
+    same = (ours_greedy(ours, prompt, args.steps) == hf_greedy(hf, prompt, args.steps)).float().mean().item()
+
+    bw = memory_bandwidth_gbs()
+    bound = weight_bytes / (bw * 1e9)
+    print(f"\nforward 4x128     ours {results['forward_ours']:.3f} s   HF {results['forward_hf']:.3f} s   "
+          f"HF/ours {results['forward_hf'] / results['forward_ours']:.2f}x")
+    per_ours = results["decode_ours"] / args.steps
+    per_hf = results["decode_hf"] / args.steps
+    print(f"decode {args.steps} steps (prompt {args.prompt_len}, incl. prefill)  ours {results['decode_ours']:.2f} s "
+          f"({per_ours * 1e3:.1f} ms/token)   HF generate {results['decode_hf']:.2f} s ({per_hf * 1e3:.1f} ms/token)"
+          f"   HF/ours {results['decode_hf'] / results['decode_ours']:.2f}x   greedy tokens equal: {same:.0%}")
+    print(f"memory copy bandwidth {bw:.1f} GB/s -> weight-read bound {bound * 1e3:.1f} ms/token "
+          f"({weight_bytes / 1e9:.2f} GB / token); ours at {bound / per_ours:.0%} of the bound")
+    results.update(bandwidth_gbs=bw, bound_s_per_token=bound, greedy_equal=same, logits_diff=diff)
+
+    if not args.skip_rss:
+        del ours, hf
+        for which in ("ours", "hf"):
+            base, peak = peak_rss_mb(which, folder)
+            results[f"rss_{which}_mb"] = peak
+            print(f"load peak RSS {which:4s}: {peak:,.0f} MB (after imports {base:,.0f} MB, "
+                  f"+{peak - base:,.0f} MB for {weight_bytes / 2**20:,.0f} MB of weights)")
+        print(f"peak RSS HF/ours {results['rss_hf_mb'] / results['rss_ours_mb']:.2f}x")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
