@@ -68,6 +68,17 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile / DistributedDataParallel wrappers (their names add a prefix)."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):           # torch.compile
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
 def adapter_config_dict(config: LoRAConfig, base_model_name_or_path: str | None = None) -> dict[str, Any]:
     """The adapter_config.json content for `config`: what PEFT 0.21 needs, with every extra feature off."""
     return {
@@ -85,9 +96,12 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or
                  config: LoRAConfig | None = None) -> Path:
     """Write `model`'s adapters to `folder` in PEFT's format (`config` defaults to `model.lora_config`).
 
+    A torch.compile'd or DDP-wrapped model is unwrapped first, so the key names are the bare model's.
+
     Each file is written to a temporary name and renamed into place; the config goes last, so a folder
     with an adapter_config.json always has its weights.
     """
+    model = unwrap(model)
     config = config or getattr(model, "lora_config", None)
     if config is None:
         raise ValueError("save_adapter: the model has no lora_config (use inject_lora, or pass config=)")

@@ -117,7 +117,7 @@ class LoRALinear(nn.Module):
         """W <- W + s·B·A (rounded to W's dtype). Forward then costs exactly one nn.Linear."""
         if self.merged:
             raise RuntimeError("LoRALinear.merge: the adapter is already merged")
-        self.weight.add_(self.delta_weight().to(self.weight.dtype))
+        self.weight.add_(self.delta_weight())   # summed in fp32, rounded once into W's dtype
         self.merged = True
 
     @torch.no_grad()
@@ -125,15 +125,18 @@ class LoRALinear(nn.Module):
         """W <- W - s·B·A: undo `merge()` (exact up to rounding in W's dtype; see the class docstring)."""
         if not self.merged:
             raise RuntimeError("LoRALinear.unmerge: the adapter is not merged")
-        self.weight.sub_(self.delta_weight().to(self.weight.dtype))
+        self.weight.sub_(self.delta_weight())
         self.merged = False
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear holding W + s·B·A (just W if already merged); this layer is left unchanged."""
-        w = self.weight if self.merged else self.weight + self.delta_weight().to(self.weight.dtype)
         linear = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")  # no allocation
-        linear.weight = w if self.merged else nn.Parameter(w, requires_grad=self.weight.requires_grad)
+        if self.merged:
+            linear.weight = self.weight
+        else:
+            w = self.weight.detach().clone().add_(self.delta_weight())     # as merge(): one rounding
+            linear.weight = nn.Parameter(w, requires_grad=self.weight.requires_grad)
         linear.register_parameter("bias", self.bias)
         return linear
 

@@ -78,10 +78,11 @@ def test_init_false_matches_peft_random_b(tiny):
     torch.testing.assert_close(our_logits(ours.eval(), ids), peft_logits(ref, ids), atol=1e-5, rtol=0)
 
 
-def test_peft_saved_adapter_loads_into_ours(tiny, tmp_path):
+@pytest.mark.parametrize("targets", [QKV, FOUR])
+def test_peft_saved_adapter_loads_into_ours(tiny, tmp_path, targets):
     folder, hf, ids = tiny
-    torch.manual_seed(11)   # the original Oh-LoRA setting (qkv only, gaussian, r=128 -> here r=16), random B
-    ref = peft.get_peft_model(copy.deepcopy(hf), peft_config(QKV, "gaussian", r=16, alpha=16)).eval()
+    torch.manual_seed(11)   # the original Oh-LoRA setting (gaussian, r=128 -> here r=16), random B
+    ref = peft.get_peft_model(copy.deepcopy(hf), peft_config(targets, "gaussian", r=16, alpha=16)).eval()
     with torch.no_grad():
         for name, p in ref.named_parameters():
             if "lora_B" in name:
@@ -90,20 +91,29 @@ def test_peft_saved_adapter_loads_into_ours(tiny, tmp_path):
     assert len(json.loads((tmp_path / "peft_adapter" / "adapter_config.json").read_text())) > 30
 
     ours = lora.load_adapter(load_model(folder), tmp_path / "peft_adapter").eval()
-    assert ours.lora_config == lora.LoRAConfig(r=16, alpha=16, dropout=0.05, target_modules=QKV, init="gaussian")
-    assert [n for n, _ in lora.lora_layers(ours)] == ["gpt_neox.layers.0.attention.query_key_value",
-                                                      "gpt_neox.layers.1.attention.query_key_value"]
+    assert ours.lora_config.r == 16 and ours.lora_config.init == "gaussian" and ours.lora_config.dropout == 0.05
+    assert sorted(ours.lora_config.target_modules) == sorted(targets)       # PEFT writes a set: any order
+    assert len(list(lora.lora_layers(ours))) == 2 * len(targets)
+    if targets == QKV:
+        assert [n for n, _ in lora.lora_layers(ours)] == ["gpt_neox.layers.0.attention.query_key_value",
+                                                          "gpt_neox.layers.1.attention.query_key_value"]
     torch.testing.assert_close(our_logits(ours, ids), peft_logits(ref, ids), atol=1e-5, rtol=0)
 
 
-def test_our_saved_adapter_loads_into_peft(tiny, tmp_path):
+@pytest.mark.parametrize("config", [lora.LoRAConfig(r=4, alpha=8, target_modules=FOUR, use_rslora=True),
+                                    lora.LoRAConfig.original_ohlora(),
+                                    lora.LoRAConfig(r=4, alpha=8, target_modules=r".*\.1\.mlp\.dense_h_to_4h")])
+def test_our_saved_adapter_loads_into_peft(tiny, tmp_path, config):
     folder, hf, ids = tiny
     ours = load_model(folder)
-    lora.inject_lora(ours, lora.LoRAConfig(r=4, alpha=8, target_modules=FOUR, use_rslora=True))
+    report = lora.inject_lora(ours, config)
     randomize_lora(ours, seed=5)
-    lora.save_adapter(ours, tmp_path / "ours", base_model_name_or_path=str(folder))
+    lora.save_adapter(torch.compile(ours), tmp_path / "ours", base_model_name_or_path=str(folder))  # unwrapped
     ref = peft.PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "ours").eval()
-    assert ref.peft_config["default"].use_rslora and ref.peft_config["default"].r == 4
+    pc = ref.peft_config["default"]
+    assert (pc.r, pc.lora_alpha, pc.use_rslora, pc.init_lora_weights) == (config.r, config.alpha,
+                                                                         config.use_rslora, config.init)
+    assert sorted(peft_lora_state(ref)) == sorted(lora_state(ours)) and len(report.wrapped) >= 1
     torch.testing.assert_close(peft_logits(ref, ids), our_logits(ours.eval(), ids), atol=1e-5, rtol=0)
 
 
