@@ -55,6 +55,17 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     return ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear))
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile / DistributedDataParallel wrappers (their names add a prefix)."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):           # torch.compile
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
@@ -98,6 +109,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, *, adapter_dtype: torch.dt
     PEFT adapter relaxes this to "at least one", as PEFT does. The config is kept as `model.lora_config`
     (for `save_adapter`).
     """
+    model = unwrap(model)   # wrap the real modules; names and `lora_config` are the bare model's
     matched = plan_injection(model, config, require_every_target=require_every_target)
     model.requires_grad_(False)
     for name in matched:
@@ -120,7 +132,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """
     if isinstance(model, LoRALinear):
         return model.to_linear()
-    for name, layer in list(lora_layers(model)):
-        _replace(model, name, layer.to_linear())
-    model.__dict__.pop("lora_config", None)
+    inner = unwrap(model)
+    for name, layer in list(lora_layers(inner)):
+        _replace(inner, name, layer.to_linear())
+    inner.__dict__.pop("lora_config", None)
     return model

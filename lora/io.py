@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import LoRAConfig
-from .inject import inject_lora, lora_layers, plan_injection
+from .inject import inject_lora, lora_layers, plan_injection, unwrap
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -68,17 +68,6 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside torch.compile / DistributedDataParallel wrappers (their names add a prefix)."""
-    while True:
-        if isinstance(getattr(model, "_orig_mod", None), nn.Module):           # torch.compile
-            model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        else:
-            return model
-
-
 def adapter_config_dict(config: LoRAConfig, base_model_name_or_path: str | None = None) -> dict[str, Any]:
     """The adapter_config.json content for `config`: what PEFT 0.21 needs, with every extra feature off."""
     return {
@@ -98,8 +87,8 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or
 
     A torch.compile'd or DDP-wrapped model is unwrapped first, so the key names are the bare model's.
 
-    Each file is written to a temporary name and renamed into place; the config goes last, so a folder
-    with an adapter_config.json always has its weights.
+    Each file is written to a temporary name and renamed into place (a crash leaves the old or the new
+    file, never half of one); the weights go first and the config last.
     """
     model = unwrap(model)
     config = config or getattr(model, "lora_config", None)
@@ -107,6 +96,9 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or
         raise ValueError("save_adapter: the model has no lora_config (use inject_lora, or pass config=)")
     tensors = {}
     for name, layer in lora_layers(model):
+        if (layer.r, layer.scaling) != (config.r, config.scaling):
+            raise ValueError(f"save_adapter: {name} has r={layer.r}, scale {layer.scaling:g} but the config says "
+                             f"r={config.r}, scale {config.scaling:g}")
         for part in ("lora_A", "lora_B"):
             weight = getattr(layer, part).weight
             if weight.is_meta:
@@ -182,7 +174,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, *,
     r, alpha, dropout, targets and rsLoRA come from the adapter's own config. Everything is checked before
     the model is touched: unsupported config fields, missing or unexpected tensors, and tensor shapes.
     """
-    folder = Path(folder)
+    outer, model, folder = model, unwrap(model), Path(folder)
     config = read_adapter_config(folder)
     weights_path = folder / WEIGHTS_NAME
     if not weights_path.is_file():
@@ -218,4 +210,4 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, *,
     for name, layer in lora_layers(model):
         layer.lora_A.weight.copy_(tensors[f"{KEY_PREFIX}{name}.lora_A.weight"])
         layer.lora_B.weight.copy_(tensors[f"{KEY_PREFIX}{name}.lora_B.weight"])
-    return model
+    return outer

@@ -36,9 +36,13 @@ def test_polyglot_parameter_counts_on_meta():
     assert "trainable parameters: 100,663,296 of 1,432,473,600" in str(report)
     assert lora.LoRAConfig.original_ohlora() == lora.LoRAConfig(r=128, alpha=16, dropout=0.05,
                                                                   target_modules=["query_key_value"], init="gaussian")
-    report = lora.inject_lora(polyglot_on_meta(), lora.LoRAConfig.original_ohlora())
+    model = polyglot_on_meta()
+    report = lora.inject_lora(model, lora.LoRAConfig.original_ohlora())
     assert report.trainable == 25_165_824 == 24 * 128 * (2048 + 6144)
     assert str(report).startswith("LoRA r=128, alpha=16 (α/r = 0.125) on 24 Linear modules: query_key_value ×24")
+    merged = lora.merge_lora(model)                                         # works on meta too
+    assert sum(p.numel() for p in merged.parameters()) == base_total
+    assert list(merged.state_dict()) == list(polyglot_on_meta().state_dict())
 
 
 def test_suffix_and_regex_matching():
