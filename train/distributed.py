@@ -6,7 +6,8 @@ torch.distributed as it is — DDP (`wrap_ddp`), FSDP2 (`apply_fsdp`, `torch.dis
 DTensor (`full_tensor`, `distribute_tensor`) — plus the glue a trainer needs around them:
 
 * `distributed_session()`   init + teardown (`destroy_process_group`) on exit and on error; a collective that
-                            fails because a rank died or hung ends this rank with one clear line, exit 1;
+                            fails because a rank died or hung ends this rank with one clear line, exit 1
+                            (`fail_fast_on_collective_error` alone for a CLI that inits elsewhere);
 * timeouts                  every collective is bounded by `OHLORA_DIST_TIMEOUT` seconds (default 600), so a
                             hung rank ends the others instead of hanging them forever;
 * `shard` / `shard_from`    each rank's disjoint share of an epoch's batch list, the same count on every rank;
@@ -133,23 +134,29 @@ def describe_failure(exc: BaseException) -> str | None:
 
 
 @contextmanager
-def distributed_session(device: str | None = None, timeout_s: float | None = None) -> Iterator[DistInfo]:
-    """`with distributed_session() as info:` — init, then always tear down (destroy_process_group).
-
-    If the body fails because a collective broke (a rank died, or hung past the timeout), print one clear line
-    to stderr and end this process with exit code 1 right away: tearing down a broken group can block, and the
-    other ranks (or torchrun) must see this rank gone rather than wait on it.
-    """
-    info = init_distributed(device, timeout_s)
+def fail_fast_on_collective_error() -> Iterator[None]:
+    """If the body fails because a collective broke (a rank died, or hung past the timeout), print one clear
+    line to stderr and end this process with exit code 1 right away: tearing down a broken group can block,
+    and the other ranks (or torchrun) must see this rank gone rather than wait on it. Other errors pass."""
     try:
-        yield info
+        yield
     except BaseException as exc:
-        message = describe_failure(exc) if info.enabled else None
+        message = describe_failure(exc) if is_initialized() and dist.get_world_size() > 1 else None
         if message is not None:
             print(f"error: {message}", file=sys.stderr, flush=True)
             sys.stdout.flush()
             os._exit(EXIT_PEER_LOST)
         raise
+
+
+@contextmanager
+def distributed_session(device: str | None = None, timeout_s: float | None = None) -> Iterator[DistInfo]:
+    """`with distributed_session() as info:` — init, then always tear down (destroy_process_group), with
+    `fail_fast_on_collective_error` around the body."""
+    info = init_distributed(device, timeout_s)
+    try:
+        with fail_fast_on_collective_error():
+            yield info
     finally:
         cleanup()
 
