@@ -45,6 +45,11 @@ def build_folder(config: GPTNeoXConfig, folder: Path) -> Path:
     return folder
 
 
+def _meta_model(config: GPTNeoXConfig) -> GPTNeoXForCausalLM:
+    with torch.device("meta"):
+        return GPTNeoXForCausalLM(config)
+
+
 def memory_bandwidth_gbs(size_mb: int = 1024, repeats: int = 5) -> float:
     """Copy bandwidth (bytes read + bytes written per second) with a big tensor copy."""
     src = torch.empty(size_mb * 2**20, dtype=torch.uint8).fill_(1)
@@ -57,15 +62,19 @@ def memory_bandwidth_gbs(size_mb: int = 1024, repeats: int = 5) -> float:
     return 2 * src.numel() / best / 1e9
 
 
-def timed(fn, repeats: int) -> float:
-    """Median seconds of `repeats` calls after one warm-up."""
-    fn()
-    times = []
+def interleaved(fns: dict, repeats: int, warmups: dict | None = None) -> tuple[dict, dict]:
+    """Median seconds per function, calls alternating (ours, HF, ours, HF, ...) so that load from other
+    processes hits both alike. Each is warmed up first (with `warmups[name]` if given). Returns (times, outputs)."""
+    for name, fn in fns.items():
+        (warmups or fns)[name]()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    outputs = {}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            outputs[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}, outputs
 
 
 @torch.inference_mode()
@@ -88,34 +97,39 @@ def hf_greedy(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 RSS_SNIPPET = """
-import resource, sys, torch
+import sys, torch
+def peak_mb():  # VmHWM: this process's own peak RSS (ru_maxrss can carry over the parent's peak across fork)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
 which, folder = sys.argv[1], sys.argv[2]
 if which == "ours":
     from gptneox import load_model
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = peak_mb()
     model = load_model(folder, dtype=torch.bfloat16)
 else:
     from transformers import GPTNeoXForCausalLM
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = peak_mb()
     model = GPTNeoXForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
-n = sum(p.numel() for p in model.parameters())
-print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, n)
+import resource
+print(base, peak_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
 
 
-def peak_rss_mb(which: str, folder: Path) -> tuple[float, float]:
-    """(RSS after imports, peak RSS after loading) in MB, measured in a fresh subprocess."""
+def peak_rss_mb(which: str, folder: Path) -> tuple[float, float, float]:
+    """(peak RSS after imports, peak RSS after loading, ru_maxrss) in MB, in a fresh subprocess."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(Path.cwd()))
     out = subprocess.run([sys.executable, "-c", RSS_SNIPPET, which, str(folder)], check=True, env=env,
                          capture_output=True, text=True).stdout.split()
-    return int(out[0]) / 1024, int(out[1]) / 1024
+    return float(out[0]), float(out[1]), float(out[2])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=None, help="fewer layers for a quick run (default: all 24)")
     ap.add_argument("--steps", type=int, default=80)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="timed forward passes per model")
+    ap.add_argument("--decode-repeats", type=int, default=1, help="timed 80-step decodes per model")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--folder", default="/tmp/ohlora-bench-polyglot-1.3b")
     ap.add_argument("--skip-rss", action="store_true")
@@ -129,6 +143,15 @@ def main() -> None:
         folder = folder.with_name(folder.name + f"-{args.layers}l")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, config {config}")
     build_folder(config, folder)
+    results: dict[str, float] = {}
+    weight_mb = sum(p.numel() for p in _meta_model(config).parameters()) * 2 / 2**20
+    if not args.skip_rss:  # first, in fresh subprocesses, before this process holds any weights
+        for which in ("ours", "hf"):
+            base, peak, maxrss = peak_rss_mb(which, folder)
+            results[f"rss_{which}_mb"] = peak
+            print(f"load peak RSS {which:4s}: {peak:,.0f} MB (after imports {base:,.0f} MB, "
+                  f"+{peak - base:,.0f} MB for {weight_mb:,.0f} MB of bf16 weights; ru_maxrss {maxrss:,.0f} MB)")
+        print(f"peak RSS HF/ours {results['rss_hf_mb'] / results['rss_ours_mb']:.2f}x\n")
     ours = load_model(folder, dtype=torch.bfloat16)
     hf = HFModel.from_pretrained(folder, dtype=torch.bfloat16).eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
@@ -140,14 +163,17 @@ def main() -> None:
         diff = (ours(batch[:1, :32]).float() - hf(input_ids=batch[:1, :32]).logits.float()).abs().max().item()
     print(f"bf16 logits max |ours - HF| on 1x32: {diff:.3g}")
 
-    results = {}
     with torch.inference_mode():
-        results["forward_ours"] = timed(lambda: ours(batch), args.repeats)
-        results["forward_hf"] = timed(lambda: hf(input_ids=batch).logits, args.repeats)
+        times, _ = interleaved({"ours": lambda: ours(batch), "hf": lambda: hf(input_ids=batch).logits},
+                               args.repeats)
+    results["forward_ours"], results["forward_hf"] = times["ours"], times["hf"]
     prompt = batch[:1, :args.prompt_len]
-    results["decode_ours"] = timed(lambda: ours_greedy(ours, prompt, args.steps), args.repeats)
-    results["decode_hf"] = timed(lambda: hf_greedy(hf, prompt, args.steps), args.repeats)
-    same = (ours_greedy(ours, prompt, args.steps) == hf_greedy(hf, prompt, args.steps)).float().mean().item()
+    times, outs = interleaved({"ours": lambda: ours_greedy(ours, prompt, args.steps),
+                               "hf": lambda: hf_greedy(hf, prompt, args.steps)}, args.decode_repeats,
+                              warmups={"ours": lambda: ours_greedy(ours, prompt, 4),
+                                       "hf": lambda: hf_greedy(hf, prompt, 4)})
+    results["decode_ours"], results["decode_hf"] = times["ours"], times["hf"]
+    same = (outs["ours"] == outs["hf"]).float().mean().item()
 
     bw = memory_bandwidth_gbs()
     bound = weight_bytes / (bw * 1e9)
@@ -162,14 +188,6 @@ def main() -> None:
           f"({weight_bytes / 1e9:.2f} GB / token); ours at {bound / per_ours:.0%} of the bound")
     results.update(bandwidth_gbs=bw, bound_s_per_token=bound, greedy_equal=same, logits_diff=diff)
 
-    if not args.skip_rss:
-        del ours, hf
-        for which in ("ours", "hf"):
-            base, peak = peak_rss_mb(which, folder)
-            results[f"rss_{which}_mb"] = peak
-            print(f"load peak RSS {which:4s}: {peak:,.0f} MB (after imports {base:,.0f} MB, "
-                  f"+{peak - base:,.0f} MB for {weight_bytes / 2**20:,.0f} MB of weights)")
-        print(f"peak RSS HF/ours {results['rss_hf_mb'] / results['rss_ours_mb']:.2f}x")
     print(json.dumps(results))
 
 

@@ -7,8 +7,8 @@ Keys are the HF checkpoint's own names (our modules are named like HF's), so loa
 `embed_out.weight` (absent when tie_word_embeddings: then it is embed_in's matrix).
 
 Loading is lean: the module is built on the meta device (no random weights), each tensor is read from its
-shard and cast to the requested dtype on the way, then assigned (`load_state_dict(assign=True)`); peak memory
-stays near one copy of the weights in the target dtype.
+shard with plain file reads (no mmap) and cast to the requested dtype on the way, then assigned
+(`load_state_dict(assign=True)`); peak memory stays near one copy of the weights in the target dtype.
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import GPTNeoXConfig
@@ -69,6 +68,66 @@ def _expected_shapes(model: GPTNeoXForCausalLM) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
+# safetensors dtype names -> torch dtypes (the format: 8-byte little-endian header size, JSON header, raw data)
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+
+
+class SafetensorsFile:
+    """Reads tensors from one .safetensors file with plain `readinto` (no mmap).
+
+    Why not safe_open: its whole-file mmap keeps every page it has touched resident until closed, so loading an
+    fp16 shard as bf16 held the shard *and* its converted copy. Reading tensor by tensor into our own buffers
+    keeps the peak at the converted weights plus one source tensor, and the result never aliases the file.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 2 <= n <= size - 8:
+                raise CheckpointError(f"{path}: not a safetensors file (bad header size)")
+            try:
+                header = json.loads(fh.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
+        header.pop("__metadata__", None)
+        self.data_start, self.entries = 8 + n, header
+        for key, entry in header.items():
+            try:
+                dtype, shape, (begin, end) = ST_DTYPES.get(entry["dtype"]), entry["shape"], entry["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{path}: corrupt safetensors entry for {key}") from None
+            numel = 1
+            for dim in shape:
+                numel *= dim
+            if dtype is not None and (end - begin != numel * dtype.itemsize or self.data_start + end > size):
+                raise CheckpointError(f"{path}: tensor {key} is truncated or has a wrong byte size")
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.entries[key]["shape"])
+
+    def read(self, key: str, fh, dtype: torch.dtype) -> torch.Tensor:
+        """The tensor `key` as `dtype` (read straight into the result when the file already has that dtype)."""
+        entry = self.entries[key]
+        src_dtype = ST_DTYPES.get(entry["dtype"])
+        if src_dtype is None:
+            raise CheckpointError(f"{self.path}: tensor {key} has unsupported dtype {entry['dtype']}")
+        begin, end = entry["data_offsets"]
+        raw = torch.empty(end - begin, dtype=torch.uint8)
+        fh.seek(self.data_start + begin)
+        if fh.readinto(raw.numpy()) != end - begin:
+            raise CheckpointError(f"{self.path}: tensor {key} is truncated")
+        t = raw.view(src_dtype).view(entry["shape"]) if end > begin else torch.empty(entry["shape"], dtype=src_dtype)
+        return t if src_dtype == dtype else t.to(dtype)
+
+
 def load_model(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> GPTNeoXForCausalLM:
     """Build GPTNeoXForCausalLM from an HF folder (config.json + model.safetensors or sharded safetensors).
@@ -77,7 +136,7 @@ def load_model(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
     raise CheckpointError listing all of them.
     """
     folder = Path(folder)
-    files = weight_files(folder)
+    files = [SafetensorsFile(path) for path in weight_files(folder)]
     config = GPTNeoXConfig.from_json(folder / "config.json")
     with torch.device("meta"):
         model = GPTNeoXForCausalLM(config)
@@ -85,41 +144,33 @@ def load_model(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
     optional = {"embed_out.weight"} if config.tie_word_embeddings else set()
 
     # 1) Check every key and shape from the headers before reading any data.
-    found: dict[str, tuple[Path, str]] = {}  # our key -> (file, key in file)
+    found: dict[str, tuple[SafetensorsFile, str]] = {}  # our key -> (file, key in file)
     unexpected, mismatched = [], []
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for file_key in f.keys():
-                key = KEY_ALIASES.get(file_key, file_key)
-                if IGNORED_KEY.search(key):
-                    continue
-                if key not in expected:
-                    unexpected.append(file_key)
-                    continue
-                shape = tuple(f.get_slice(file_key).get_shape())
-                if shape != expected[key]:
-                    mismatched.append(f"{file_key} {shape} (expected {expected[key]})")
-                found[key] = (path, file_key)
+    for f in files:
+        for file_key in f.keys():
+            key = KEY_ALIASES.get(file_key, file_key)
+            if IGNORED_KEY.search(key):
+                continue
+            if key not in expected:
+                unexpected.append(file_key)
+                continue
+            if f.shape(file_key) != expected[key]:
+                mismatched.append(f"{file_key} {f.shape(file_key)} (expected {expected[key]})")
+            found[key] = (f, file_key)
     missing = [k for k in expected if k not in found and k not in optional]
     problems = [f"{label}: {', '.join(keys)}" for label, keys in
                 (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if keys]
     if problems:
         raise CheckpointError(f"{folder}: checkpoint does not match config.json: " + "; ".join(problems))
 
-    # 2) Read shard by shard, casting as we go (one shard's tensors resident at a time besides the result).
-    state: dict[str, torch.Tensor] = {}
-    by_file: dict[Path, list[tuple[str, str]]] = {}
-    for key, (path, file_key) in found.items():
-        by_file.setdefault(path, []).append((key, file_key))
+    # 2) Read file by file, tensor by tensor, casting as we go: peak = the result + one source tensor.
     device = torch.device(device)
-    for path, keys in by_file.items():
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            for key, file_key in keys:
-                t = f.get_tensor(file_key)
-                # A CPU tensor of the file's dtype would stay a copy-on-write view of the mmapped file (and
-                # die with SIGBUS if the file were truncated later): always own the memory.
-                t = t.to(dtype=dtype) if t.dtype != dtype else (t.clone() if t.device.type == "cpu" else t)
-                state[key] = t.contiguous()
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        with open(f.path, "rb") as fh:
+            for key, (owner, file_key) in found.items():
+                if owner is f:
+                    state[key] = f.read(file_key, fh, dtype).to(device)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
