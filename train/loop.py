@@ -59,6 +59,7 @@ class LoopConfig:
     save_state_steps: int | None = None  # also save resume state every N optimizer steps
     stop_after_steps: int | None = None  # stop early as if interrupted (state saved): tests / demos
     eval_every_epoch: bool = True
+    eval_at_start: bool = True          # eval loss before the first step (the baseline the run improves on)
     log_every: int = 1
     progress: bool = True
     desc: str = "train"
@@ -70,6 +71,7 @@ class TrainResult:
     epoch: int = 0
     best_eval_loss: float | None = None
     last_eval: dict = field(default_factory=dict)
+    start_eval: dict = field(default_factory=dict)  # before the first step (eval_at_start)
     train_tokens: int = 0
     seconds: float = 0.0
     stopped_early: bool = False
@@ -184,6 +186,9 @@ class Trainer:
             self.logger.log(event="start", total_steps=total_steps, epochs=epochs, warmup_steps=warmup,
                             steps_per_epoch=steps_per_epoch, world_size=self.info.world_size,
                             trainable_params=sum(p.numel() for p in self.params))
+        if cfg.eval_at_start and self.eval_fn and not cfg.resume:
+            self._evaluate_and_save(res, 0.0, save=False, samples=False)
+            res.start_eval = dict(res.last_eval)
         bar = progress_bar(total_steps, cfg.desc, enabled=cfg.progress and self.is_main)
         bar.update(res.global_step)
         t_start, tok_window, t_window = time.perf_counter(), 0, time.perf_counter()
@@ -273,7 +278,8 @@ class Trainer:
                 p.grad.mul_(scale)
 
     # --------------------------------------------------------------------------------------------- eval
-    def _evaluate_and_save(self, res: TrainResult, epoch_pos: float) -> None:
+    def _evaluate_and_save(self, res: TrainResult, epoch_pos: float, save: bool = True,
+                           samples: bool = True) -> None:
         metrics: dict = {}
         devices = [] if self.device.type == "cpu" else [self.device]
         with torch.random.fork_rng(devices=devices):  # eval / sampling never shift the training RNG stream
@@ -281,14 +287,14 @@ class Trainer:
             with torch.no_grad(), autocast_context(self.cfg.precision, self.device):
                 if self.eval_fn:
                     metrics = dict(self.eval_fn())
-                samples = self.sample_fn() if (self.sample_fn and self.is_main) else None
+                samples = self.sample_fn() if (samples and self.sample_fn and self.is_main) else None
             self.module.train()
         res.last_eval = metrics
         if samples:
             metrics = {**metrics, **samples}
         self.logger.log(step=res.global_step, epoch=round(epoch_pos, 4), **metrics)
         eval_loss = res.last_eval.get("eval_loss")
-        if self.save_fn and self.out:
+        if save and self.save_fn and self.out:
             if eval_loss is not None and (res.best_eval_loss is None or eval_loss < res.best_eval_loss):
                 res.best_eval_loss = float(eval_loss)
                 self._save_adapter("best", res, epoch_pos)

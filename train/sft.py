@@ -262,7 +262,11 @@ def run(argv: list[str] | None = None) -> dict:
         ev = result.last_eval
         msg = f"done: {result.global_step} steps in {result.seconds:.1f}s"
         if ev.get("eval_loss") is not None:
-            msg += f" | eval loss {ev['eval_loss']:.4f} (ppl {ev['eval_ppl']:.2f}), best {result.best_eval_loss:.4f}"
+            start = result.start_eval.get("eval_loss")
+            msg += (f" | eval loss {start:.4f} → " if start is not None else " | eval loss ") + \
+                   f"{ev['eval_loss']:.4f} (ppl {ev['eval_ppl']:.2f})"
+            if result.best_eval_loss is not None:
+                msg += f", best {result.best_eval_loss:.4f}"
         print(msg + f" | adapters in {out}/best and {out}/last", flush=True)
         if samples_holder.get("samples") and not result.stopped_early:
             print("Sample answers for validation prompts:")

@@ -1,0 +1,179 @@
+"""train/loop.py + train/sft.py: loss = hand computation, learning, resume == uninterrupted, NaN stop, errors."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from data.sft import PromptTemplate, collate, encode_pair
+from gptneox.load import load_model, save_pretrained
+from gptneox.tokenizer import Tokenizer
+from lora import LoRAConfig, inject_lora
+from train.default_model import DefaultModelSpec, build_default_base, bundled_data_path
+from train.loop import LoopConfig, NonFiniteLossError, Trainer
+from train.progress import read_jsonl
+from train.sft import CausalLMLoss, main, run
+
+TINY = ["--default-layers", "2", "--default-hidden", "64", "--default-vocab", "400",
+        "--default-pretrain-epochs", "1", "--no-progress", "--eval-prompts", "0"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is faster, and immune to a busy machine's oversubscription."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A tiny pre-trained default base (2 layers, hidden 64) shared by the tests of this file."""
+    spec = DefaultModelSpec(num_hidden_layers=2, hidden_size=64, vocab_size=400, pretrain_epochs=1)
+    return build_default_base(tmp_path_factory.mktemp("sft_base") / "base", spec=spec, progress=False)
+
+
+def test_default_base_is_cached(base):
+    stamp = (base / "model.safetensors").stat().st_mtime_ns
+    spec = DefaultModelSpec(num_hidden_layers=2, hidden_size=64, vocab_size=400, pretrain_epochs=1)
+    build_default_base(base, spec=spec, progress=False)
+    assert (base / "model.safetensors").stat().st_mtime_ns == stamp
+    cfg = json.loads((base / "config.json").read_text())
+    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["use_parallel_residual"]) == (2, 64, True)
+
+
+def test_loss_equals_hand_computation(base):
+    model, tok = load_model(base), Tokenizer.from_folder(base)
+    torch.manual_seed(0)
+    inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0, init=False))  # B ≠ 0: the adapter matters
+    t = PromptTemplate()
+    exs = [encode_pair(tok, t, q, a)[0] for q, a in
+           [("안녕", "반가워!"), ("[오늘 일정: 카페] 오늘 뭐 해?", "카페 가! 라떼 마셔야지."), ("잘 자", "너도 잘 자")]]
+    b = collate(exs, tok.pad_token_id)
+    model.eval()
+    loss_sum, n = CausalLMLoss(model, chunk=5)(b["input_ids"], b["labels"])  # chunk=5: several chunks
+    logits = model(b["input_ids"], attention_mask=b["attention_mask"])                   # (B, T, V)
+    hand = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), b["labels"][:, 1:].reshape(-1),
+                           ignore_index=-100, reduction="mean")
+    assert n == sum(e.n_label_tokens for e in exs) - 0  # every answer token (incl. EOS) is predicted once
+    assert abs(float(loss_sum.detach()) / n - float(hand.detach())) < 1e-5
+    # and the gradient reaches the adapter
+    loss_sum.backward()
+    grads = [p.grad for n_, p in model.named_parameters() if "lora_A" in n_]
+    assert grads and all(g is not None and float(g.abs().sum()) > 0 for g in grads)
+
+
+def test_training_lowers_validation_loss(base, tmp_path):
+    out = run(["--model", str(base), "--output-dir", str(tmp_path), "--max-steps", "30", "--lr", "3e-3",
+               "--lora-r", "8", "--lora-alpha", "16", "--batch-size", "8", "--no-progress", "--eval-prompts", "1"])
+    res = out["result"]
+    assert res.global_step == 30
+    start, end = res.start_eval["eval_loss"], res.last_eval["eval_loss"]
+    assert end < start - 0.2, (start, end)
+    log = read_jsonl(tmp_path / "log.jsonl")
+    assert sum("train_loss" in r for r in log) == 30
+    assert any(r.get("samples") for r in log)  # sample generations logged at eval
+    for name in ("best", "last"):
+        assert (tmp_path / name / "adapter_model.safetensors").is_file()
+        assert json.loads((tmp_path / name / "training_args.json").read_text())["lora_r"] == 8
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def _adapter(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_resume_equals_uninterrupted_run(base, tmp_path):
+    common = ["--model", str(base), "--max-steps", "7", "--lr", "2e-3", "--lora-r", "4", "--lora-alpha", "8",
+              "--lora-dropout", "0.1", "--batch-size", "4", "--grad-accum", "2", "--seed", "3",
+              "--no-progress", "--eval-prompts", "0", "--epochs", "1"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    run(common + ["--output-dir", str(a)])
+    first = run(common + ["--output-dir", str(b), "--stop-after-steps", "3"])
+    assert first["result"].stopped_early and first["result"].global_step == 3
+    meta = json.loads((b / "state" / "meta.json").read_text())
+    assert (meta["global_step"], meta["micro_batch"]) == (3, 6)
+    second = run(common + ["--output-dir", str(b), "--resume", str(b / "state")])
+    assert second["result"].global_step == 7
+    wa, wb = _adapter(a / "last"), _adapter(b / "last")
+    assert wa.keys() == wb.keys() and len(wa) > 0
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-6
+    # and training did move the adapter (B starts at zero)
+    assert max(float(v.abs().max()) for k, v in wa.items() if "lora_B" in k) > 1e-4
+
+
+def test_resume_bad_folder(base, tmp_path):
+    rc = main(["--model", str(base), "--output-dir", str(tmp_path), "--max-steps", "1", "--resume",
+               str(tmp_path / "nothing"), "--no-progress", "--eval-prompts", "0"])
+    assert rc == 2
+
+
+def test_original_layout_trains(base, tmp_path, capsys):
+    f = tmp_path / "orig.csv"
+    f.write_text("data_type,input_data,output_data\n"
+                 + "".join(f"train,질문 {i} 뭐 해?,나는 {i}번째로 쉬고 있어 (답변 끝)\n" for i in range(12))
+                 + "valid,좋은 밤,\nvalid,점심 뭐 먹지?,\n", encoding="utf-8")
+    rc = main(["--model", str(base), "--data", str(f), "--output-dir", str(tmp_path / "o"), "--epochs", "2",
+               "--batch-size", "4", "--lora-r", "4", "--no-progress", "--eval-prompts", "2"])
+    assert rc == 0
+    log = read_jsonl(tmp_path / "o" / "log.jsonl")
+    samples = [r["samples"] for r in log if r.get("samples")]
+    assert len(samples) == 2 and [s["input"] for s in samples[-1]] == ["좋은 밤", "점심 뭐 먹지?"]
+    assert (tmp_path / "o" / "last" / "adapter_config.json").is_file()
+
+
+def test_nan_loss_stops_naming_the_step(base, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(base, broken)
+    model = load_model(broken)
+    with torch.no_grad():
+        model.embed_out.weight[5].fill_(float("nan"))
+    save_pretrained(model, broken)
+    rc = main(["--model", str(broken), "--output-dir", str(tmp_path / "o"), "--max-steps", "3",
+               "--no-progress", "--eval-prompts", "0"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "at optimizer step 1 " in err and "nan" in err
+
+
+def test_nan_in_generic_loop_names_later_step():
+    class Boom(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(2))
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            v = (self.w * x).sum()
+            return (v * float("inf") if self.calls == 4 else v), 2
+
+    cfg = LoopConfig(epochs=1, progress=False, eval_at_start=False)
+    with pytest.raises(NonFiniteLossError, match=r"optimizer step 4 \(epoch 1, micro-batch 4\)"):
+        Trainer(Boom(), cfg, lambda e: [{"x": torch.ones(2)}] * 6).fit()
+
+
+def test_bad_model_folder_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["--model", str(tmp_path / "empty"), "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "config.json" in err and len(err.splitlines()) == 1
+    assert main(["--model", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "o")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_bundled_default_cli_smoke(tmp_path):
+    """`python -m train.sft` with no --model: builds OUT/base, trains, writes the agreed layout."""
+    out = run(TINY + ["--output-dir", str(tmp_path), "--max-steps", "4"])
+    assert out["model_dir"] == tmp_path / "base"
+    for rel in ("base/config.json", "base/tokenizer.json", "best/adapter_model.safetensors",
+                "last/training_args.json", "state/state.pt", "log.jsonl", "loss.png"):
+        assert (tmp_path / rel).is_file(), rel
+    args = json.loads((tmp_path / "last" / "training_args.json").read_text())
+    assert args["lora_r"] == 16 and args["lora_alpha"] == 32  # the tiny default's own LoRA settings
+    assert bundled_data_path().is_file()
