@@ -1,0 +1,115 @@
+"""sbert.train: batching / dedup / split helpers (exact), the loss equals the naive siamese loss, and a short
+real training run on the bundled data that lowers the test MSE and whose best checkpoint reloads exactly."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sbert.evaluate import bundled_pairs, evaluate, load_pairs
+from sbert.model import SentenceEncoder
+from sbert.train import (TokenCache, TrainConfig, build_optimizer, default_base, default_max_seq_length,
+                         make_batches, pair_loss, plan_forwards, split_train_valid, train)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    model = SentenceEncoder.load(default_base())
+    model.max_seq_length = 128
+    return model
+
+
+def test_split_is_seeded_disjoint_and_90_10():
+    df = load_pairs(bundled_pairs("memory_train.csv"))
+    fit, valid = split_train_valid(df, 0.1, seed=7)
+    assert (len(fit), len(valid)) == (1440, 160)
+    key = lambda d: set(zip(d.memory_0, d.user_prompt_1))  # noqa: E731
+    assert not key(fit) & key(valid) and len(key(fit) | key(valid)) == 1600
+    again, _ = split_train_valid(df, 0.1, seed=7)
+    assert again.equals(fit)
+    assert not split_train_valid(df, 0.1, seed=8)[0].equals(fit)
+
+
+@pytest.mark.parametrize("bucket", [False, True])
+def test_make_batches_cover_every_pair_once(bucket):
+    lengths = np.random.default_rng(0).integers(5, 60, size=1000)
+    batches = make_batches(lengths, 16, np.random.default_rng(1), bucket)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(1000))
+    assert len(batches) == 63 and max(len(b) for b in batches) == 16
+    spread = np.mean([np.ptp(lengths[b]) for b in batches])
+    assert (spread < 10) if bucket else (spread > 30)   # buckets hold similar lengths
+
+
+def test_plan_forwards_splits_only_when_it_pads_less():
+    # one forward: 4 × 60 = 240 padded tokens; split after the three short ones: 3·5 + 60 + 64 = 139
+    assert plan_forwards([60, 5, 5, 5], allow_split=True) == [[1, 2, 3], [0]]
+    assert plan_forwards([60, 5, 5, 5], allow_split=False) == [[1, 2, 3, 0]]
+    assert plan_forwards([12, 10, 14], allow_split=True) == [[1, 0, 2]]
+
+
+def test_default_length_per_base(minilm):
+    assert default_max_seq_length(minilm) == 128   # MiniLM: Hangul as jamo pieces, ~2-3 tokens per syllable
+
+
+@pytest.mark.parametrize("allow_split", [False, True])
+def test_pair_loss_equals_naive_siamese_loss(minilm, allow_split):
+    df = load_pairs(bundled_pairs("memory_train.csv")).iloc[[0, 1, 2, 41, 80, 81, 500, 1599]]
+    cache = TokenCache(minilm, [*df.memory_0, *df.user_prompt_1])
+    a, b = np.asarray(cache.ids(df.memory_0.tolist())), np.asarray(cache.ids(df.user_prompt_1.tolist()))
+    scores = torch.tensor(df.similarity_score.to_numpy(), dtype=torch.float32)
+    minilm.eval()   # no dropout: both paths must give the same numbers
+    loss = pair_loss(minilm, cache, a, b, scores, allow_split)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in minilm.named_parameters() if p.grad is not None}
+    minilm.zero_grad(set_to_none=True)
+    u = minilm(minilm.tokenize(df.memory_0.tolist()))
+    v = minilm(minilm.tokenize(df.user_prompt_1.tolist()))
+    naive = F.mse_loss(F.cosine_similarity(u, v, dim=-1), scores)
+    naive.backward()
+    assert loss.item() == pytest.approx(naive.item(), abs=1e-6)
+    for n, p in minilm.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[n], p.grad, atol=1e-6, rtol=1e-4)
+    minilm.zero_grad(set_to_none=True)
+
+
+def test_optimizer_has_no_decay_on_bias_and_layernorm(minilm):
+    opt = build_optimizer(minilm, 2e-5, 0.01)
+    decays = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    named = dict(minilm.named_parameters())
+    assert decays[id(named["encoder.encoder.layer.0.attention.self.query.weight"])] == 0.01
+    assert decays[id(named["encoder.encoder.layer.0.attention.self.query.bias"])] == 0.0
+    assert decays[id(named["encoder.embeddings.LayerNorm.weight"])] == 0.0
+    assert len(decays) == sum(p.requires_grad for p in minilm.parameters())
+
+
+def test_short_training_lowers_test_mse_and_best_checkpoint_reloads(tmp_path):
+    out = tmp_path / "run"
+    result = train(TrainConfig(limit=400, epochs=1, batch_size=16, output=str(out), progress=False, log_every=5))
+    before, best = result.test["before"], result.test["best"]
+    assert result.steps == 23                                  # 360 training pairs / 16, rounded up
+    assert best["mse"] < 0.75 * before["mse"], (before["mse"], best["mse"])
+    # the saved best checkpoint reproduces its reported test MSE
+    reloaded = evaluate(SentenceEncoder.load(out / "best"), load_pairs(bundled_pairs("memory_test.csv")))
+    assert reloaded["mse"] == pytest.approx(best["mse"], abs=1e-6)
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["test"]["best"]["mse"] == pytest.approx(best["mse"], abs=1e-9)
+    assert json.loads((out / "best" / "trainer_state.json").read_text())["epoch"] == 1
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "train_loss" in r] == [5, 10, 15, 20, 23]
+    assert [r["eval_loss"] for r in log if "eval_loss" in r] == [pytest.approx(result.best_valid_mse)]
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG" and (out / "test_scatter.png").is_file()
+    assert (out / "last" / "model.safetensors").is_file()
+
+
+def test_cli_bad_base_exits_2(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "sbert.train", "--base", str(tmp_path / "no-model"),
+                          "--output", str(tmp_path / "o"), "--test", ""], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 2 and "no-model" in run.stderr and "Traceback" not in run.stderr
