@@ -50,8 +50,9 @@ class LoRALinear(nn.Module):
 
     dtypes: the adapter may be kept in a wider dtype than the base (default: fp32 adapter on a bf16/fp16
     base, as PEFT does), because tiny updates to A and B vanish in bf16 rounding. Without autocast, forward
-    casts x to the adapter dtype for the LoRA path and casts the sum back to the base output's dtype. Under
-    `torch.autocast` both matmuls run in autocast's dtype (autocast casts their inputs), so x is not cast.
+    casts x to the adapter dtype for the LoRA path and adds the (fp32) update into the base output, rounding
+    the sum once to the base output's dtype. Under `torch.autocast` both matmuls run in autocast's dtype
+    (autocast casts their inputs), so x is not cast.
 
     Merging: `merge()` adds s·B·A into W (computed in fp32, then rounded to W's dtype) so inference costs one
     plain matmul; `unmerge()` subtracts it again. In fp32 that round trip is exact to ~1e-7 relative; in
@@ -104,8 +105,10 @@ class LoRALinear(nn.Module):
             x = x.to(self.lora_A.weight.dtype)                        # no-op when the dtypes agree
         if self.training and self.dropout > 0.0:                     # skip the call entirely otherwise
             x = F.dropout(x, p=self.dropout, training=True)
-        update = self.lora_B(self.lora_A(x)) * self.scaling          # (..., r) -> (..., out); B·A never formed
-        return (y + update).to(y.dtype)
+        update = self.lora_B(self.lora_A(x))                         # (..., r) -> (..., out); B·A never formed
+        return y.add_(update, alpha=self.scaling)                    # y += s·update: one fused kernel, and
+        #   the sum is computed in the wider dtype and rounded once into y's dtype. In place is safe: the
+        #   backward of F.linear needs x and W, not its output y.
 
     def delta_weight(self) -> torch.Tensor:
         """s·B·A as an (out, in) matrix, computed in fp32 (or wider, for fp64 adapters)."""

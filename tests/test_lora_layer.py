@@ -93,6 +93,10 @@ def test_bf16_base_keeps_fp32_adapter_and_merges_in_bf16():
     ref = (x.float() @ base.weight.float().T + base.bias.float()
            + layer.scaling * (x.float() @ layer.lora_A.weight.T @ layer.lora_B.weight.T))
     torch.testing.assert_close(y.float(), ref, atol=0.1, rtol=0.02)   # bf16 output rounding only
+    y.float().sum().backward()                  # the fp32 adapter gets fp32 gradients through the bf16 output
+    assert layer.lora_B.weight.grad.dtype == torch.float32
+    grad_b = layer.scaling * torch.ones(3, 40).T @ (x.float() @ layer.lora_A.weight.detach().T)
+    torch.testing.assert_close(layer.lora_B.weight.grad, grad_b, atol=1e-4, rtol=1e-4)
     w0 = base.weight.detach().clone()
     layer.merge()
     assert layer.weight.dtype == torch.bfloat16
