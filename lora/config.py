@@ -1,6 +1,7 @@
 """`LoRAConfig`: which Linear layers get an adapter, and the adapter's rank, scale, dropout and init."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from .layer import check_init
@@ -38,6 +39,11 @@ class LoRAConfig:
             self.target_modules = sorted(self.target_modules) if isinstance(self.target_modules, (set, frozenset)) \
                 else list(self.target_modules)
         if isinstance(self.target_modules, str):
+            try:
+                re.compile(self.target_modules)
+            except re.error as e:
+                raise ValueError(f"LoRAConfig.target_modules: {self.target_modules!r} is not a valid regex "
+                                 f"({e})") from None
             if not self.target_modules:
                 raise ValueError("LoRAConfig.target_modules: the regex is empty")
         elif not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):

@@ -65,6 +65,8 @@ def test_bad_targets_are_errors_naming_the_linear_modules():
     msg = str(e.value)
     assert "['q_proj']" in msg and "gpt_neox.layers.*.attention.query_key_value" in msg and "embed_out" in msg
     assert "layers.0." not in msg                                          # abbreviated
+    with pytest.raises(ValueError, match="not a valid regex"):
+        lora.LoRAConfig(target_modules="layers.(")
     with pytest.raises(ValueError, match="GPTNeoXAttention.*nn.Linear"):
         lora.inject_lora(tiny_model(), lora.LoRAConfig(target_modules=["attention"]))
     model = tiny_model()
