@@ -153,9 +153,11 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor, attn_mask: Tensor | None) -> Tensor:
         B, T, H = x.shape
-        # (B, T, H) -> (B, nh, T, hd) for each of q, k, v
-        q, k, v = (proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-                   for proj in (self.query, self.key, self.value))
+        # one GEMM for q, k, v (their weights stacked: (3H, H)), then (B, T, H) -> (B, nh, T, hd) each
+        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
+        bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
+        q, k, v = (t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+                   for t in F.linear(x, weight, bias).split(H, dim=-1))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                            dropout_p=self.dropout_p if self.training else 0.0)  # (B, nh, T, hd)
         return y.transpose(1, 2).reshape(B, T, H)
@@ -307,10 +309,18 @@ def load_encoder(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
 
 
 def save_encoder_weights(model: BertEncoder, path: str | os.PathLike) -> None:
-    """Write the encoder's weights (HF BertModel names, contiguous fp tensors) as one safetensors file."""
+    """Write the encoder's weights (HF BertModel names, contiguous fp tensors) as one safetensors file.
+
+    A model without pooler weights (e.g. from a …ForMaskedLM checkpoint such as klue/roberta-base) gets a zero
+    `pooler.dense`, so transformers' BertModel/RobertaModel loads the file without reporting missing weights;
+    the pooler is never used by mean pooling."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.pooler is None:
+        H, dtype = model.config.hidden_size, model.embeddings.word_embeddings.weight.dtype
+        state["pooler.dense.weight"] = torch.zeros(H, H, dtype=dtype)
+        state["pooler.dense.bias"] = torch.zeros(H, dtype=dtype)
     save_file(state, str(path), metadata={"format": "pt"})
 
 
