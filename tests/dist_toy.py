@@ -1,7 +1,7 @@
 """A toy "frozen base + LoRA-like adapter" model and a training routine for the train/distributed.py tests.
 
 Run by torchrun (`python -m torch.distributed.run --nproc-per-node 2 tests/dist_toy.py MODE OUT`) and imported
-by the tests for the single-process reference. MODE: ddp | fsdp | die.
+by the tests for the single-process reference. MODE: ddp | fsdp | ddp,fsdp | die.
 """
 from __future__ import annotations
 
@@ -104,31 +104,40 @@ def main() -> None:
                 all_reduce_sum([1.0])
                 time.sleep(0.01)
             return
-        model, opt = train(info, mode, accum=1)
-        state = trainable_state_dict(model)                  # collective under FSDP
-        optim_sd = full_optimizer_state_dict(opt)            # collective under FSDP
-        with full_trainable_params(model):                   # plain tensors for a plain writer
-            seen = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+        for mode in mode.split(","):  # e.g. "ddp,fsdp": both in one process group
+            model, opt = train(info, mode, accum=1)
+            state = trainable_state_dict(model)                  # collective under FSDP
+            optim_sd = full_optimizer_state_dict(opt)            # collective under FSDP
+            with full_trainable_params(model):                   # plain tensors for a plain writer
+                seen = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
 
-        def write() -> None:
-            from safetensors.torch import save_file
-            save_file(state, str(out / f"{mode}.safetensors"))
-            torch.save(optim_sd, out / f"{mode}_optim.pt")
-            (out / f"{mode}_shapes.txt").write_text(repr({n: list(s) for n, s in seen.items()}))
-        on_main(info, write)
-        # write-back round trip: the gathered state loads into the (sharded) model and optimizer unchanged
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                load_full_tensor(p, state[n] * 0 + state[n])
-        load_optimizer_state_dict(opt, optim_sd)
-        again = full_optimizer_state_dict(opt)
-        diff = max(float((again["state"][k]["exp_avg"] - optim_sd["state"][k]["exp_avg"]).abs().max())
-                   for k in optim_sd["state"])
-        local_numel = {n: p.to_local().numel() if hasattr(p, "to_local") else p.numel()
-                       for n, p in model.named_parameters()}
-        numels = gather_objects(local_numel)
-        on_main(info, lambda: (out / f"{mode}_check.txt").write_text(
-            repr({"optim_roundtrip": diff, "numel_per_rank": numels})))
+            def write() -> None:
+                from safetensors.torch import save_file
+                save_file(state, str(out / f"{mode}.safetensors"))
+                torch.save(optim_sd, out / f"{mode}_optim.pt")
+                (out / f"{mode}_shapes.txt").write_text(repr({n: list(s) for n, s in seen.items()}))
+            on_main(info, write)
+            # round trips: zero the (sharded) trainable weights, load the gathered full state back; a fresh
+            # optimizer loads the gathered optimizer state and gathers it again
+            params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            for n, p in params:
+                load_full_tensor(p, torch.zeros_like(state[n]))
+            zeroed = max(float(v.abs().max()) for v in trainable_state_dict(model).values())
+            for n, p in params:
+                load_full_tensor(p, state[n])
+            back = trainable_state_dict(model)
+            param_diff = max(float((back[n] - state[n]).abs().max()) for n in state)
+            fresh = torch.optim.AdamW([p for _, p in params], lr=0.05, weight_decay=0.01)
+            load_optimizer_state_dict(fresh, optim_sd)
+            again = full_optimizer_state_dict(fresh)
+            diff = max(float((again["state"][k][s] - optim_sd["state"][k][s]).abs().max())
+                       for k in optim_sd["state"] for s in ("exp_avg", "exp_avg_sq", "step"))
+            local_numel = {n: p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+                           for n, p in model.named_parameters()}
+            numels = gather_objects(local_numel)
+            on_main(info, lambda: (out / f"{mode}_check.txt").write_text(
+                repr({"optim_roundtrip": diff, "param_roundtrip": param_diff, "zeroed": zeroed,
+                      "numel_per_rank": numels})))
 
 
 if __name__ == "__main__":
