@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--save-state-steps", type=int, help="also save resume state every N steps")
     a("--stop-after-steps", type=int, help=argparse.SUPPRESS)  # simulate an interruption (tests)
     a("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    a("--threads", type=int, help="CPU intra-op threads (default: 1 for the tiny default model — small "
+                                  "matmuls gain little from more and suffer badly on a busy machine; "
+                                  "torch's default otherwise)")
     a("--no-progress", action="store_true")
     # tiny default model overrides
     a("--default-layers", type=int, default=DefaultModelSpec.num_hidden_layers)
@@ -160,6 +163,9 @@ def _load_base(model_dir: Path, dtype: torch.dtype, device: torch.device):
 def run(argv: list[str] | None = None) -> dict:
     args = resolve(build_parser().parse_args(argv))
     info = init_distributed(args.device)
+    threads = args.threads or (1 if args.model is None else None)
+    if threads:
+        torch.set_num_threads(threads)
     out = Path(args.output_dir)
     data_path = Path(args.data) if args.data else bundled_data_path()
     data = load_sft_csv(data_path, args.input_column, args.output_column, args.split_column)
