@@ -114,6 +114,7 @@ def build_default_base(folder: str | Path, data_path: str | Path | None = None,
     from gptneox.config import GPTNeoXConfig
     from gptneox.load import save_pretrained
     from gptneox.model import GPTNeoXForCausalLM
+    from train.distributed import DistInfo
     from train.loop import LoopConfig, Trainer
 
     folder, spec = Path(folder), spec or DefaultModelSpec()
@@ -157,7 +158,8 @@ def build_default_base(folder: str | Path, data_path: str | Path | None = None,
     loop = LoopConfig(epochs=spec.pretrain_epochs, lr=spec.pretrain_lr, weight_decay=0.01, warmup_ratio=0.1,
                       lr_schedule="cosine", max_grad_norm=1.0, seed=spec.seed, progress=progress,
                       eval_every_epoch=False, desc="pre-train tiny base")
-    Trainer(_NextTokenLoss(model), loop, batches_for_epoch,
+    # info=DistInfo(): one process builds the base (rank 0 under torchrun), on all the data, never sharded
+    Trainer(_NextTokenLoss(model), loop, batches_for_epoch, info=DistInfo(),
             collate_fn=lambda idx: {"input_ids": blocks[idx]},
             tokens_in_batch=lambda b: int(b["input_ids"].numel())).fit()
 

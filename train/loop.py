@@ -183,6 +183,7 @@ class Trainer:
         if cfg.resume:
             start_epoch, start_micro, res = self._load_state(Path(cfg.resume))
         elif self.is_main and self.out:
+            (self.out / "log.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
             self.logger.log(event="start", total_steps=total_steps, epochs=epochs, warmup_steps=warmup,
                             steps_per_epoch=steps_per_epoch, world_size=self.info.world_size,
                             trainable_params=sum(p.numel() for p in self.params))
