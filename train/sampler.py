@@ -284,7 +284,8 @@ def generate_batch(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
         if config.repetition_penalty != 1.0 and seen is None:
             vocab = logits.shape[-1]
             seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
-            seen.scatter_(1, input_ids.clamp(0, vocab - 1), attention_mask.bool())
+            real = torch.where(attention_mask.bool(), input_ids, input_ids[:, -1:])   # pads -> a real token
+            seen.scatter_(1, real.clamp(0, vocab - 1), True)
         tokens = pick_next_tokens(logits, config, seen, generator)            # (B,)
         token_list = tokens.tolist()
         for r, tok in enumerate(token_list):
