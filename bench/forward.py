@@ -41,7 +41,8 @@ def build_folder(config: GPTNeoXConfig, folder: Path) -> Path:
             if "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
     total = sum(p.numel() * p.element_size() for p in model.parameters())
-    save_pretrained(model, folder, max_shard_size=total // 3 + 2**20)
+    largest = max(p.numel() * p.element_size() for p in model.parameters())
+    save_pretrained(model, folder, max_shard_size=-(-total // 3) + largest)  # greedy packing -> 3 shards
     return folder
 
 

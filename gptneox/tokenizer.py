@@ -1,7 +1,7 @@
 """A thin wrapper around `tokenizers.Tokenizer` (tokenizer.json) with HF's special-token files.
 
-Special tokens come from `tokenizer_config.json`, then `special_tokens_map.json` (values may be a string or a
-dict with "content"); eos defaults to `<|endoftext|>` when the vocabulary has it, and pad defaults to eos.
+Special tokens come from `tokenizer_config.json`, overridden by `special_tokens_map.json` as transformers does
+(values may be a string or a dict with "content"); eos defaults to `<|endoftext|>` when the vocabulary has it, and pad defaults to eos.
 Ids equal `transformers.PreTrainedTokenizerFast(tokenizer_file=...)`'s for the same file.
 """
 from __future__ import annotations
@@ -64,14 +64,17 @@ class Tokenizer:
             raw = RawTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on a malformed file
             raise TokenizerError(f"{path}: cannot read tokenizer: {e}") from None
+        # HF's precedence: tokenizer_config.json, overridden by special_tokens_map.json unless the config is of
+        # the newer kind (with "added_tokens_decoder"), in which case special_tokens_map.json is not read.
+        sources = [_read_json(folder / "tokenizer_config.json")] if (folder / "tokenizer_config.json").is_file() else []
+        if (folder / "special_tokens_map.json").is_file() and not (sources and "added_tokens_decoder" in sources[0]):
+            sources.append(_read_json(folder / "special_tokens_map.json"))
         special: dict[str, str] = {}
-        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # later file wins, as in HF
-            if (folder / name).is_file():
-                d = _read_json(folder / name)
-                for role in ("eos_token", "pad_token", "bos_token"):
-                    content = _token_content(d.get(role))
-                    if content is not None:
-                        special[role] = content
+        for d in sources:
+            for role in ("eos_token", "pad_token", "bos_token"):
+                content = _token_content(d.get(role))
+                if content is not None:
+                    special[role] = content
         eos = special.get("eos_token")
         if eos is None and raw.token_to_id(DEFAULT_EOS) is not None:
             eos = DEFAULT_EOS

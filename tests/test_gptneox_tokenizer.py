@@ -71,3 +71,22 @@ def test_batch_encode_padding_side_and_truncation(folder, side):
     assert ids.shape == (3, 4) and mask.all() and ids[1].tolist() == rows[1][:4]
     with pytest.raises(ValueError, match="padding_side"):
         tok.batch_encode(texts, padding_side="middle")
+
+
+@pytest.mark.parametrize("new_style", [False, True])
+def test_special_token_precedence_matches_transformers(tmp_path, folder, new_style):
+    from transformers import PreTrainedTokenizerFast
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_text((folder / name).read_text(encoding="utf-8"), encoding="utf-8")
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())  # says pad = <|pad|>
+    if new_style:  # transformers >= 4.34 configs: special_tokens_map.json is then not read
+        config["added_tokens_decoder"] = {"1": {"content": "<|pad|>", "special": True, "lstrip": False,
+                                                "rstrip": False, "normalized": False, "single_word": False}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"pad_token": {"content": "<|endoftext|>"}}))
+    ref = PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
+    ours = Tokenizer.from_folder(tmp_path)
+    assert (ours.pad_token, ours.pad_token_id) == (ref.pad_token, ref.pad_token_id) == \
+        (("<|pad|>", 1) if new_style else ("<|endoftext|>", 0))
+    assert (ours.eos_token, ours.eos_token_id) == (ref.eos_token, ref.eos_token_id)
