@@ -247,6 +247,13 @@ class GPTNeoXForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.embed_out.weight = self.gpt_neox.embed_in.weight
 
+    def _apply(self, fn, recurse=True):
+        # .to()/.to_empty()/.half() visit the shared Parameter once per owner and may give each owner its own
+        # copy (to_empty from meta does): re-tie afterwards.
+        result = super()._apply(fn, recurse)
+        self.tie_weights()
+        return result
+
     @torch.no_grad()
     def reset_parameters(self, std: float = 0.02) -> None:
         """HF's initialisation: normal(0, std) weights, zero biases, LayerNorm 1/0."""

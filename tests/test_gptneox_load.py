@@ -187,3 +187,16 @@ def test_meta_construction_allocates_nothing():
         model = GPTNeoXForCausalLM(GPTNeoXConfig.polyglot_ko_1_3b())
     assert all(p.is_meta for p in model.parameters())
     assert len(list(model.buffers())) == 0  # rotary tables are built lazily on the input's device
+
+
+def test_tied_embeddings_survive_to_empty_and_casts():
+    config = GPTNeoXConfig(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=128, tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = GPTNeoXForCausalLM(config)
+    model = model.to_empty(device="cpu")
+    assert model.embed_out.weight is model.gpt_neox.embed_in.weight
+    model = model.to(torch.bfloat16)
+    assert model.embed_out.weight is model.gpt_neox.embed_in.weight and model.dtype == torch.bfloat16
+    assert model.num_parameters() == 320 * 64 + 2 * (4 * 64 + 3 * 64 * 64 + 3 * 64 + 64 * 64 + 64
+                                                   + 2 * 64 * 128 + 128 + 64) + 2 * 64
