@@ -72,10 +72,14 @@ def interleaved(fns: dict, repeats: int, warmups: dict | None = None) -> tuple[d
     outputs = {}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             outputs[name] = fn()
             times[name].append(time.perf_counter() - t0)
+            CPU_SHARE.append((time.process_time() - c0) / times[name][-1])
     return {name: statistics.median(t) for name, t in times.items()}, outputs
+
+
+CPU_SHARE: list[float] = []  # CPU seconds / wall seconds of each timed call: < threads means contention
 
 
 @torch.inference_mode()
@@ -126,6 +130,7 @@ def peak_rss_mb(which: str, folder: Path) -> tuple[float, float, float]:
 
 
 def main() -> None:
+    sys.stdout.reconfigure(line_buffering=True)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=None, help="fewer layers for a quick run (default: all 24)")
     ap.add_argument("--steps", type=int, default=80)
@@ -187,6 +192,9 @@ def main() -> None:
           f"   HF/ours {results['decode_hf'] / results['decode_ours']:.2f}x   greedy tokens equal: {same:.0%}")
     print(f"memory copy bandwidth {bw:.1f} GB/s -> weight-read bound {bound * 1e3:.1f} ms/token "
           f"({weight_bytes / 1e9:.2f} GB / token); ours at {bound / per_ours:.0%} of the bound")
+    print(f"cores busy during timed calls: {min(CPU_SHARE):.2f}-{max(CPU_SHARE):.2f} of {torch.get_num_threads()} "
+          f"threads (below the thread count = other processes took CPU time)")
+    results.update(cpu_share_min=min(CPU_SHARE), cpu_share_max=max(CPU_SHARE))
     results.update(bandwidth_gbs=bw, bound_s_per_token=bound, greedy_equal=same, logits_diff=diff)
 
     print(json.dumps(results))
