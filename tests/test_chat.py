@@ -128,6 +128,7 @@ def test_cli_once_loads_merges_and_stores(model_and_adapter, tmp_path, monkeypat
         return ["[좋아하는 가수: 아이유] 아이유 노래 좋지!"]
 
     monkeypatch.setattr(chat, "generate", fake_generate)
+    monkeypatch.chdir(tmp_path)                      # no runs/ here: no default memory model
     store = tmp_path / "mem.txt"
     rc = chat.main(["--model", str(base), "--adapter", str(adapter), "--memory-store", str(store),
                     "--once", "노래 추천해줘", "--temperature", "0.3", "--max-new-tokens", "12"])
@@ -149,8 +150,9 @@ def test_cli_once_loads_merges_and_stores(model_and_adapter, tmp_path, monkeypat
         assert not torch.allclose(load_model(base)(ids), ref(ids), atol=1e-3)   # the adapter matters
 
 
-def test_cli_real_generation_runs(model_and_adapter, tmp_path, capsys):
+def test_cli_real_generation_runs(model_and_adapter, tmp_path, monkeypatch, capsys):
     base, adapter = model_and_adapter
+    monkeypatch.chdir(tmp_path)
     rc = chat.main(["--model", str(base), "--adapter", str(adapter), "--memory-store", str(tmp_path / "m.txt"),
                     "--once", "안녕!", "--max-new-tokens", "8", "--seed", "0", "--max-trials", "2"])
     assert rc == 0
@@ -159,9 +161,9 @@ def test_cli_real_generation_runs(model_and_adapter, tmp_path, capsys):
 
 def test_cli_errors(model_and_adapter, tmp_path, monkeypatch, capsys):
     base, adapter = model_and_adapter
+    monkeypatch.chdir(tmp_path)                      # no runs/ here
     assert chat.main(["--model", str(base), "--once", "  "]) == 2
     assert "empty message" in capsys.readouterr().err
-    monkeypatch.chdir(tmp_path)                      # no runs/sft here
     assert chat.main(["--once", "안녕"]) == 2
     err = capsys.readouterr().err
     assert "run `python -m train.sft` first" in err and "Traceback" not in err

@@ -136,6 +136,14 @@ def test_incremental_decoder_holds_incomplete_utf8(tokenizer):
     assert pieces[:3] == ["", "", "안"]               # 3 bytes of one syllable: emitted on the third
 
 
+def test_earliest_of_several_stop_strings_wins():
+    from train.sampler import _RowText
+    vocab = {1: "안녕 ", 2: "xA y B z", 3: "C"}
+    row = _RowText(lambda ids: "".join(vocab[i] for i in ids), ("B", "A"), 0, None)
+    assert row.push(1) is False and row.push(2) is True       # both complete in one piece: "A" comes first
+    assert row.finish() == "안녕 x"
+
+
 def test_stop_prefix_len():
     assert stop_prefix_len("좋아 (답", [STOP]) == 2
     assert stop_prefix_len("좋아 (답변 종료", [STOP]) == 6

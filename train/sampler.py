@@ -168,7 +168,10 @@ def stop_prefix_len(text: str, stop_strings: Sequence[str]) -> int:
 
 
 class _RowText:
-    """Per-row text state: accumulated text, stop detection in a tail window, and hold-back for streaming."""
+    """Per-row text state: accumulated text, stop detection in a tail window, and hold-back for streaming.
+
+    Every step touches only the tail: the stop search covers the last len(stop) - 1 old characters plus the
+    new piece, and streaming looks at the characters not yet sent (new piece + what is held back)."""
 
     def __init__(self, decode: DecodeFn, stop_strings: Sequence[str], row: int, stream: StreamFn | None):
         self.decoder = IncrementalDecoder(decode)
@@ -177,7 +180,8 @@ class _RowText:
         self.row = row
         self.stream = stream
         self.text = ""
-        self.streamed = 0      # characters of text.lstrip() already sent to `stream`
+        self.sent = 0          # text[:sent] is streamed (or skipped leading whitespace)
+        self.started = False   # a visible character has been streamed
         self.stopped = False
 
     def push(self, token_id: int) -> bool:
@@ -190,28 +194,36 @@ class _RowText:
         if not self.stopped:
             self._add(self.decoder.flush())
         answer = self.text.strip()
-        if self.stream is not None and len(answer) > self.streamed:
-            self.stream(self.row, answer[self.streamed:])
-        self.streamed = len(answer)
+        if self.stream is not None:
+            lead = len(self.text) - len(self.text.lstrip())
+            already = self.sent - lead if self.started else 0
+            if len(answer) > already:
+                self.stream(self.row, answer[already:])
         return answer
 
     def _add(self, piece: str) -> None:
         if not piece or self.stopped:
             return
-        start = max(0, len(self.text) - self.max_stop + 1)        # tail window: len(stop) + len(piece)
+        start = max(0, len(self.text) - self.max_stop + 1)        # tail window: len(stop) - 1 + len(piece)
         self.text += piece
-        for stop in self.stop_strings:
-            cut = self.text.find(stop, start)
-            if cut >= 0:
-                self.text = self.text[:cut]
-                self.stopped = True
-                start = cut                                        # an earlier stop in the window wins
-        if self.stream is not None and not self.stopped:
-            body = self.text.lstrip()
-            safe = body[:len(body) - stop_prefix_len(body, self.stop_strings)].rstrip()
-            if len(safe) > self.streamed:
-                self.stream(self.row, safe[self.streamed:])
-                self.streamed = len(safe)
+        cuts = [c for c in (self.text.find(stop, start) for stop in self.stop_strings) if c >= 0]
+        if cuts:
+            self.text = self.text[:min(cuts)]                      # the earliest stop string wins
+            self.stopped = True
+            return
+        if self.stream is None:
+            return
+        text, lo = self.text, self.sent
+        end = len(text) - stop_prefix_len(text[-self.max_stop:] if self.max_stop else "", self.stop_strings)
+        while end > lo and text[end - 1].isspace():               # trailing whitespace waits for a next word
+            end -= 1
+        if not self.started:                                       # the answer is stripped: skip leading space
+            while lo < end and text[lo].isspace():
+                lo += 1
+            self.sent = lo
+        if end > lo:
+            self.stream(self.row, text[lo:end])
+            self.sent, self.started = end, True
 
 
 # ----------------------------------------------------------------------------------------------------------
