@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sbert.kernels import FUSED_ACTIVATIONS, PackedLinear, plain_linear, use_fast_path
+
 SUPPORTED_MODEL_TYPES = ("bert", "roberta")
 # Keys a checkpoint may hold that are not weights of the encoder we build: buffers and pre-training heads.
 IGNORED_KEY_SUFFIXES = ("embeddings.position_ids", "embeddings.token_type_ids")
@@ -150,14 +152,14 @@ class SelfAttention(nn.Module):
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.packed_qkv = PackedLinear(self.query, self.key, self.value)  # inference-only packed copy
 
     def forward(self, x: Tensor, attn_mask: Tensor | None) -> Tensor:
         B, T, H = x.shape
         # one GEMM for q, k, v (their weights stacked: (3H, H)), then (B, T, H) -> (B, nh, T, hd) each
-        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
-        bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-        q, k, v = (t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-                   for t in F.linear(x, weight, bias).split(H, dim=-1))
+        qkv = (self.packed_qkv(x) if use_fast_path(self, x)
+               else plain_linear((self.query, self.key, self.value), x))  # (B, T, 3H)
+        q, k, v = (t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for t in qkv.split(H, dim=-1))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                            dropout_p=self.dropout_p if self.training else 0.0)  # (B, nh, T, hd)
         return y.transpose(1, 2).reshape(B, T, H)
@@ -171,8 +173,11 @@ class Dense(nn.Module):
         self.dense = nn.Linear(d_in, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.packed = PackedLinear(self.dense)
 
     def forward(self, h: Tensor, residual: Tensor) -> Tensor:
+        if use_fast_path(self, h):
+            return self.LayerNorm(self.packed(h, residual=residual))  # residual add fused into the GEMM
         return self.LayerNorm(self.dropout(self.dense(h)) + residual)
 
 
@@ -190,9 +195,14 @@ class Intermediate(nn.Module):
     def __init__(self, config: EncoderConfig):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.act = ACTIVATIONS[config.hidden_act]
+        self.act_name, self.act = config.hidden_act, ACTIVATIONS[config.hidden_act]
+        self.packed = PackedLinear(self.dense)
 
     def forward(self, x: Tensor) -> Tensor:
+        if use_fast_path(self, x):
+            if self.act_name in FUSED_ACTIVATIONS:
+                return self.packed(x, act=self.act_name)  # GELU fused into the GEMM
+            return self.act(self.packed(x))
         return self.act(self.dense(x))
 
 

@@ -195,30 +195,28 @@ class SentenceEncoder(nn.Module):
                normalize: bool | None = None) -> np.ndarray | Tensor:
         """Embeddings (N, H) float32 in the input order ((H,) for one string). `normalize=None` follows the model.
 
-        Repeated texts are encoded once. The distinct texts are tokenized once, sorted by token count (longest
-        first) and batched, so each batch pads only to rows of nearly the same length.
+        Texts are tokenized once, sorted by token count (longest first) and batched, so each batch pads only to
+        rows of nearly the same length. Every text is encoded, repeated ones too (callers that hold many
+        repeats, like pair evaluation, encode their distinct texts themselves), so sentences/s stays comparable.
         """
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        slot = {t: i for i, t in enumerate(dict.fromkeys(texts))}  # distinct texts, first-seen order
-        unique = list(slot)
-        emb = torch.empty(len(unique), self.embedding_dim, dtype=torch.float32)
-        if unique:
+        out = torch.empty(len(texts), self.embedding_dim, dtype=torch.float32)
+        if texts:
             was_training = self.training
             self.eval()
             try:
-                encodings = self.tokenizer.encode(unique)
-                order = sorted(range(len(unique)), key=lambda i: -len(encodings[i].ids))
+                encodings = self.tokenizer.encode(texts)
+                order = sorted(range(len(texts)), key=lambda i: -len(encodings[i].ids))
                 with torch.inference_mode():
                     for start in range(0, len(order), batch_size):
                         idx = order[start:start + batch_size]
                         features = self.tokenizer.collate([encodings[i] for i in idx])
-                        emb[torch.tensor(idx)] = self.forward(features, normalize).float().cpu()
+                        out[torch.tensor(idx)] = self.forward(features, normalize).float().cpu()
             finally:
                 self.train(was_training)
-        out = emb if len(unique) == len(texts) else emb[torch.tensor([slot[t] for t in texts], dtype=torch.long)]
         result = out[0] if single else out
         return result.numpy() if convert_to_numpy else result
 

@@ -128,7 +128,7 @@ def test_encode_order_batches_duplicates_and_shapes(minilm_encoder):
         single = enc.encode(text)
         assert single.shape == (384,) and np.abs(single - full[i]).max() <= 1e-5
     dup = enc.encode([TEXTS[2], TEXTS[0], TEXTS[2]])
-    assert np.array_equal(dup[0], dup[2]) and np.abs(dup[1] - full[0]).max() <= 1e-5
+    assert np.abs(dup[0] - dup[2]).max() <= 1e-6 and np.abs(dup[1] - full[0]).max() <= 1e-5
     assert enc.encode([]).shape == (0, 384)
     t = enc.encode(TEXTS[:2], convert_to_numpy=False)
     assert isinstance(t, torch.Tensor) and t.dtype == torch.float32 and not t.requires_grad
