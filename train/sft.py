@@ -84,7 +84,7 @@ class Defaults:
 
 ORIGINAL = Defaults(lora_r=128, lora_alpha=16, lr=2e-4, epochs=3, batch_size=4, max_length=512,
                     warmup_ratio=0.03, lora_targets=ALL_NEOX_TARGETS)
-TINY_DEMO = Defaults(lora_r=16, lora_alpha=32, lr=3e-3, epochs=6, batch_size=8, max_length=256,
+TINY_DEMO = Defaults(lora_r=16, lora_alpha=32, lr=6e-3, epochs=8, batch_size=8, max_length=256,
                      warmup_ratio=0.05, lora_targets=ALL_NEOX_TARGETS)
 
 
