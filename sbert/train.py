@@ -191,12 +191,12 @@ def pair_loss(forward_model: torch.nn.Module, cache: TokenCache, a_ids: np.ndarr
         parts.append(forward_model(cache.batch([int(unique[i]) for i in group])))   # (n_g, H)
         order.extend(group)
     emb = torch.cat(parts) if len(parts) > 1 else parts[0]                # rows in `order`
-    if len(parts) > 1 or order != sorted(order):
-        emb = emb[torch.argsort(torch.tensor(order))]                     # back to `unique` order (U, H)
-    inverse = torch.from_numpy(inverse)
+    if order != sorted(order):
+        emb = emb[torch.argsort(torch.tensor(order, device=emb.device))]  # back to `unique` order (U, H)
+    inverse = torch.from_numpy(inverse).to(emb.device)
     u, v = emb[inverse[: len(a_ids)]], emb[inverse[len(a_ids):]]         # (B, H) each
     cos = F.cosine_similarity(u, v, dim=-1)                               # (B,)
-    return F.mse_loss(cos, scores.to(cos.dtype))
+    return F.mse_loss(cos, scores.to(device=cos.device, dtype=cos.dtype))
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
