@@ -43,9 +43,9 @@ class CausalLMLoss(torch.nn.Module):
     """Summed next-token cross-entropy over the labelled positions only.
 
     input_ids, labels: (B, T), right-padded; labels[b, t] = -100 where no loss. Position t predicts token t+1:
-        hidden = gpt_neox(input_ids)                     (B, T, H)
+        hidden = gpt_neox(input_ids[:, :-1])             (B, T-1, H)
         keep   = labels[:, 1:] != -100                   (B, T-1)
-        h      = hidden[:, :-1][keep]                    (N, H)   N = answer tokens in the batch
+        h      = hidden[keep]                            (N, H)   N = answer tokens in the batch
         loss   = Σ CE(embed_out(h) , labels[:, 1:][keep])  over chunks of ≤ `chunk` rows, logits in fp32
     Returns (loss_sum, N). Equal to F.cross_entropy over the full logits with ignore_index=-100, times N.
     """
@@ -57,10 +57,11 @@ class CausalLMLoss(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         # attention_mask is not needed: pads sit on the right and attention is causal (see module doc).
-        hidden = self.model.gpt_neox(input_ids)                     # (B, T, H)
+        # The last column predicts nothing (causal: no earlier position needs it either), so it is not fed.
+        hidden = self.model.gpt_neox(input_ids[:, :-1])             # (B, T-1, H)
         targets = labels[:, 1:]                                     # (B, T-1)
         keep = targets != IGNORE_INDEX
-        h = hidden[:, :-1][keep]                                    # (N, H)
+        h = hidden[keep]                                            # (N, H)
         y = targets[keep]                                           # (N,)
         total = hidden.new_zeros((), dtype=torch.float32)
         for s in range(0, y.numel(), self.chunk):
