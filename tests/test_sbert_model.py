@@ -119,22 +119,45 @@ def test_minilm_round_trips_through_both_libraries(tmp_path, minilm_encoder, st_
     _assert_same(st_back.encode(TEXTS), reference)
 
 
-def test_encode_order_batches_duplicates_and_shapes(minilm_encoder):
-    enc = minilm_encoder
+def test_encode_order_batches_duplicates_and_shapes(tiny_st6):
+    enc = SentenceEncoder.load(tiny_st6 / "st")
     full = enc.encode(TEXTS, batch_size=32)
     small = enc.encode(TEXTS, batch_size=3)
     assert np.abs(full - small).max() <= 1e-5
     for i, text in enumerate(TEXTS[:3]):
         single = enc.encode(text)
-        assert single.shape == (384,) and np.abs(single - full[i]).max() <= 1e-5
+        assert single.shape == (32,) and np.abs(single - full[i]).max() <= 1e-5
     dup = enc.encode([TEXTS[2], TEXTS[0], TEXTS[2]])
     assert np.abs(dup[0] - dup[2]).max() <= 1e-6 and np.abs(dup[1] - full[0]).max() <= 1e-5
-    assert enc.encode([]).shape == (0, 384)
+    assert enc.encode([]).shape == (0, 32)
     t = enc.encode(TEXTS[:2], convert_to_numpy=False)
     assert isinstance(t, torch.Tensor) and t.dtype == torch.float32 and not t.requires_grad
     raw = enc.encode(TEXTS, normalize=False)
     assert np.abs(np.linalg.norm(raw, axis=1) - 1).max() > 0.01
     assert np.abs(raw / np.linalg.norm(raw, axis=1, keepdims=True) - full).max() <= 1e-5
+    enc.train()
+    enc.encode(TEXTS[:2])
+    assert enc.training  # encode runs in eval mode and restores the caller's mode
+
+
+def test_onednn_path_equals_plain_path(minilm_encoder):
+    from sbert import kernels
+
+    fast = minilm_encoder.encode(SBERT_TEXTS)
+    kernels.ONEDNN.enabled = False
+    try:
+        plain = minilm_encoder.encode(SBERT_TEXTS)
+    finally:
+        kernels.ONEDNN.enabled = True
+    _assert_same(fast, plain, max_abs=2e-6, min_cos=0.999999)
+    layer = minilm_encoder.encoder.encoder.layer[0].intermediate
+    with torch.no_grad():  # an in-place weight update (an optimizer step) must re-pack
+        layer.dense.weight.mul_(0.5)
+        try:
+            x = torch.randn(2, 3, 384)
+            assert torch.allclose(layer(x), torch.nn.functional.gelu(layer.dense(x)), atol=1e-5)
+        finally:
+            layer.dense.weight.mul_(2.0)
 
 
 def test_forward_is_differentiable_and_matches_encode(tiny_st6):
