@@ -54,23 +54,37 @@ def use_fast_path(module: nn.Module, x: Tensor) -> bool:
 class PackedLinear:
     """oneDNN-packed weight + bias of one or more stacked `nn.Linear`s (stacked along the output dim).
 
-    The pack is rebuilt whenever a weight or bias is replaced or updated in place (an optimizer step bumps the
-    tensor's version counter), so encoding between training steps always uses the current weights."""
+    The pack is rebuilt whenever a weight or bias is replaced or changed: the check compares each tensor's storage
+    pointer and version counter and a strided sample of its values (fused optimizers and `.data` writes update
+    weights without bumping the version counter), so encoding between training steps uses the current weights."""
+
+    FINGERPRINT_SAMPLES = 64
 
     def __init__(self, *linears: nn.Linear):
         self._linears = linears
         self._key: tuple | None = None
+        self._fingerprint: list[Tensor] = []
         self.weight: Tensor | None = None
         self.bias: Tensor | None = None
+
+    def __getstate__(self) -> dict:
+        """deepcopy / pickle keep the linears but drop the pack (an opaque oneDNN tensor); it is rebuilt on use."""
+        return {"_linears": self._linears, "_key": None, "_fingerprint": [], "weight": None, "bias": None}
+
+    def _sample(self, p: Tensor) -> Tensor:
+        flat = p.detach().reshape(-1)
+        return flat[:: max(1, flat.numel() // self.FINGERPRINT_SAMPLES)]
 
     def _refresh(self) -> None:
         params = [p for lin in self._linears for p in (lin.weight, lin.bias)]
         key = tuple((p.data_ptr(), p._version) for p in params)
-        if key != self._key:
-            w = torch.cat([lin.weight.detach() for lin in self._linears])
-            self.bias = torch.cat([lin.bias.detach() for lin in self._linears])
-            self.weight = torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH_HINT)
-            self._key = key
+        if (key == self._key and len(self._fingerprint) == len(params)
+                and all(torch.equal(self._sample(p), f) for p, f in zip(params, self._fingerprint))):
+            return
+        w = torch.cat([lin.weight.detach() for lin in self._linears])
+        self.bias = torch.cat([lin.bias.detach() for lin in self._linears])
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH_HINT)
+        self._key, self._fingerprint = key, [self._sample(p).clone() for p in params]
 
     def __call__(self, x: Tensor, act: str = "", residual: Tensor | None = None) -> Tensor:
         """x (..., K) -> (..., N): x Wᵀ + b, then the fused `act` (a FUSED_ACTIVATIONS key) or + residual."""

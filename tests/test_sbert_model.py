@@ -151,13 +151,33 @@ def test_onednn_path_equals_plain_path(minilm_encoder):
         kernels.ONEDNN.enabled = True
     _assert_same(fast, plain, max_abs=2e-6, min_cos=0.999999)
     layer = minilm_encoder.encoder.encoder.layer[0].intermediate
-    with torch.no_grad():  # an in-place weight update (an optimizer step) must re-pack
-        layer.dense.weight.mul_(0.5)
+    with torch.no_grad():  # a `.data` write bumps no version counter: the value fingerprint must catch it
+        layer.dense.weight.data.mul_(0.5)
         try:
             x = torch.randn(2, 3, 384)
             assert torch.allclose(layer(x), torch.nn.functional.gelu(layer.dense(x)), atol=1e-5)
         finally:
-            layer.dense.weight.mul_(2.0)
+            layer.dense.weight.data.mul_(2.0)
+
+
+def test_encode_after_fused_adamw_step_uses_new_weights(tiny_st6):
+    """torch's fused AdamW (what train/optim.py builds) updates weights without bumping their version."""
+    from sbert import kernels
+
+    model = SentenceEncoder.load(tiny_st6 / "st")
+    before = model.encode(TEXTS)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, fused=True)
+    model.train()
+    model(model.tokenize(TEXTS)).sum().backward()
+    opt.step()
+    after = model.encode(TEXTS)
+    kernels.ONEDNN.enabled = False
+    try:
+        plain = model.encode(TEXTS)
+    finally:
+        kernels.ONEDNN.enabled = True
+    assert np.abs(after - before).max() > 1e-3
+    assert np.abs(after - plain).max() <= 1e-5
 
 
 def test_forward_is_differentiable_and_matches_encode(tiny_st6):
