@@ -83,12 +83,13 @@ def save_tiny_hf_encoder(folder: str | Path, *, model_type: str = "roberta", see
 def save_tiny_st(folder: str | Path, hf_folder: str | Path, *, normalize: bool = False,
                  max_seq_length: int | None = None, do_lower_case: bool = False):
     """Wrap a HF folder with sentence-transformers' own modules and save it (the 6.x dialect); returns the model."""
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
-    transformer = models.Transformer(str(hf_folder), max_seq_length=max_seq_length, do_lower_case=do_lower_case)
-    modules = [transformer, models.Pooling(transformer.get_embedding_dimension(), pooling_mode="mean")]
+    transformer = Transformer(str(hf_folder), max_seq_length=max_seq_length, do_lower_case=do_lower_case)
+    modules = [transformer, Pooling(transformer.get_embedding_dimension(), pooling_mode="mean")]
     if normalize:
-        modules.append(models.Normalize())
+        modules.append(Normalize())
     st = SentenceTransformer(modules=modules, device="cpu")
     st.save(str(folder))
     return st
