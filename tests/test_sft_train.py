@@ -177,3 +177,30 @@ def test_bundled_default_cli_smoke(tmp_path):
     args = json.loads((tmp_path / "last" / "training_args.json").read_text())
     assert args["lora_r"] == 16 and args["lora_alpha"] == 32  # the tiny default's own LoRA settings
     assert bundled_data_path().is_file()
+
+
+def test_accumulation_weighs_every_token_alike():
+    """Windows of uneven micro-batches give the gradient of one big batch (per-token mean over the window)."""
+    class Sq(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor([0.5, -1.0]))
+
+        def forward(self, x, y):
+            return ((x @ self.w - y) ** 2).sum(), y.numel()
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 2, generator=g), torch.randn(4, generator=g)
+
+    def first_moment(batches, accum):
+        m = Sq()
+        tr = Trainer(m, LoopConfig(max_steps=1, grad_accum=accum, max_grad_norm=None, progress=False,
+                                   eval_at_start=False), lambda e: batches)
+        tr.fit()
+        return tr.optimizer.state[m.w]["exp_avg"] / 0.1  # (1 - β1) · grad after one step
+
+    one = first_moment([{"x": x, "y": y}], 1)
+    split = first_moment([{"x": x[:1], "y": y[:1]}, {"x": x[1:], "y": y[1:]}], 2)
+    w = torch.tensor([0.5, -1.0])
+    hand = (2 * (x @ w - y)[:, None] * x).mean(0)
+    assert torch.allclose(one, hand, atol=1e-6) and torch.allclose(split, hand, atol=1e-6)
