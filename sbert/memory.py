@@ -19,7 +19,7 @@ import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 

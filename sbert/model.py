@@ -138,8 +138,8 @@ class SentenceEncoder(nn.Module):
                     break
         encoder = load_encoder(transformer_dir, device=device)
         config = encoder.config
-        tok_config = json.loads((transformer_dir / "tokenizer_config.json").read_text(encoding="utf-8")) \
-            if (transformer_dir / "tokenizer_config.json").is_file() else {}
+        tok_config_path = transformer_dir / "tokenizer_config.json"
+        tok_config = _read_json(tok_config_path) if tok_config_path.is_file() else {}
         if sbert_config.get("max_seq_length"):  # legacy dialect
             max_len = int(sbert_config["max_seq_length"])
         else:  # 6.x dialect / plain HF folder: the tokenizer's limit, capped at the positions

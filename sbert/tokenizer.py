@@ -1,4 +1,4 @@
-"""Sentence tokenizer on the `tokenizers` package: tokenizer.json, or a WordPiece / byte-level BPE built from vocab files.
+"""Sentence tokenizer on the `tokenizers` package: tokenizer.json, or a WordPiece / byte-level BPE from vocab files.
 
 The truncation and padding settings stored inside a tokenizer.json (MiniLM's says "truncate at 128, pad to a
 fixed 128") are overwritten on load: truncation is set to our `max_seq_length` (special tokens included, as
