@@ -13,9 +13,10 @@ batches: per rank `--batch` sequences of `--seq` tokens, the loss on the answer 
     fsdp    N processes, FSDP2         per-rank peak RSS → memory ratio = FSDP / DDP
 
 Throughput is the median over the timed steps of (global non-pad tokens / step time), after `--warmup`
-steps. Memory is each rank's peak RSS (VmHWM) over the whole run, and its peak during training alone (the
-high-water mark is reset once the model is set up), reported with the RSS of a bare `import torch` process
-so the part that the model and training add is visible. On CPU every process gets OMP_NUM_THREADS=1 so that
+steps. Memory, per rank: the RSS resident once the model is set up (base weights — whole under DDP, 1/N under
+FSDP — and adapter), the peak during training (the high-water mark is reset after set-up; activations are the
+same in both, FSDP adds the all-gathered full weights of ~2 layers in flight) and the peak over the whole run
+(loading included), each taken above the RSS of a bare `import torch` process. On CPU every process gets OMP_NUM_THREADS=1 so that
 N processes use N cores, as on N GPUs; glibc's mmap threshold is pinned so freed tensors leave the RSS.
 """
 from __future__ import annotations
@@ -72,6 +73,9 @@ def worker(args: argparse.Namespace) -> None:
             inject_lora(model, lora_cfg)
             module = CausalLMLoss(model)
         setup_s = time.perf_counter() - t0
+        import gc
+        gc.collect()
+        setup_rss = rss_mb()  # what stays resident: base weights (whole or 1/N), adapter
         setup_peak = rss_mb("VmHWM")
         reset_peak_rss()
 
@@ -93,7 +97,7 @@ def worker(args: argparse.Namespace) -> None:
         trainer.fit()
         if info.device.type == "cuda":
             torch.cuda.synchronize()
-        mine = {"rank": info.rank, "base_rss_mb": base_rss, "setup_peak_mb": setup_peak,
+        mine = {"rank": info.rank, "base_rss_mb": base_rss, "setup_rss_mb": setup_rss, "setup_peak_mb": setup_peak,
                 "train_peak_mb": rss_mb("VmHWM"), "peak_mb": max(setup_peak, rss_mb("VmHWM")),
                 "setup_s": setup_s,
                 "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if info.device.type == "cuda" else None}
@@ -185,14 +189,13 @@ def main(argv: list[str] | None = None) -> int:
         for mode in ("ddp", "fsdp"):
             res[mode] = launch(mode, nproc, args, tmp / "model", tmp)
 
-    print(f"\n{'run':<8}{'procs':>6}{'tok/s':>10}{'peak RSS/rank MB':>18}{'train peak MB':>15}{'bare torch MB':>15}"
-          f"{'wall s':>8}")
+    print(f"\n{'run':<8}{'procs':>6}{'tok/s':>10}{'resident MB':>13}{'train peak MB':>15}{'peak MB':>9}"
+          f"{'bare torch MB':>15}{'wall s':>8}     (per rank, the largest rank)")
     for mode, r in res.items():
-        peak = max(x["peak_mb"] for x in r["ranks"])
-        train_peak = max(x["train_peak_mb"] for x in r["ranks"])
-        base = max(x["base_rss_mb"] for x in r["ranks"])
-        print(f"{mode:<8}{r['world_size']:>6}{r['tokens_per_s']:>10.1f}{peak:>18.0f}{train_peak:>15.0f}{base:>15.0f}"
-              f"{r['wall_s']:>8.1f}")
+        ranks = r["ranks"]
+        print(f"{mode:<8}{r['world_size']:>6}{r['tokens_per_s']:>10.1f}{max(x['setup_rss_mb'] for x in ranks):>13.0f}"
+              f"{max(x['train_peak_mb'] for x in ranks):>15.0f}{max(x['peak_mb'] for x in ranks):>9.0f}"
+              f"{max(x['base_rss_mb'] for x in ranks):>15.0f}{r['wall_s']:>8.1f}")
     single, ddp, fsdp = res["single"], res["ddp"], res["fsdp"]
     eff = ddp["tokens_per_s"] / (nproc * single["tokens_per_s"])
     eff_fsdp = fsdp["tokens_per_s"] / (nproc * single["tokens_per_s"])
@@ -205,10 +208,14 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nscaling efficiency, {nproc} processes vs 1: DDP {eff:.2f}  (FSDP {eff_fsdp:.2f})   "
           f"[{ddp['tokens_per_s']:.0f} vs {nproc}×{single['tokens_per_s']:.0f} tok/s]")
-    print(f"memory ratio FSDP / DDP, per-rank peak RSS: {peak(fsdp, 'peak_mb') / peak(ddp, 'peak_mb'):.2f} "
-          f"(above a bare torch process: {above_base(fsdp, 'peak_mb') / above_base(ddp, 'peak_mb'):.2f}); "
-          f"during training only: {peak(fsdp, 'train_peak_mb') / peak(ddp, 'train_peak_mb'):.2f} "
-          f"(above bare torch: {above_base(fsdp, 'train_peak_mb') / above_base(ddp, 'train_peak_mb'):.2f})")
+    def ratio(key: str) -> float:
+        return above_base(fsdp, key) / above_base(ddp, key)
+
+    print("memory ratio FSDP / DDP per rank (RSS above a bare `import torch` process):")
+    print(f"  resident after set-up (weights + adapter)                         {ratio('setup_rss_mb'):.2f}")
+    print(f"  peak during training (+ activations, FSDP's all-gathered layers)  {ratio('train_peak_mb'):.2f}")
+    print(f"  peak over the whole run (loading included)                        {ratio('peak_mb'):.2f}"
+          f"   [raw RSS {peak(fsdp, 'peak_mb'):.0f} vs {peak(ddp, 'peak_mb'):.0f} MB]")
     if cuda:
         cf = max(x["cuda_peak_mb"] for x in fsdp["ranks"])
         cd = max(x["cuda_peak_mb"] for x in ddp["ranks"])

@@ -8,8 +8,8 @@ every rank's memory before sharding it — the peak that FSDP is meant to remove
    each (stride-0 views), so they equal the plain path's bit for bit;
 2. `apply_fsdp` shards the meta model (each transformer layer, then the root), `to_empty` gives every rank
    storage for its 1/N shards only;
-3. the checkpoint is read one tensor at a time and each rank copies its own shard (`load_full_tensor`), so the
-   peak is the shards plus the largest single tensor.
+3. the checkpoint is read one tensor at a time, each rank reading only the rows of its own shard (safetensors
+   slices), so a rank's peak is its shards plus one tensor's shard.
 """
 from __future__ import annotations
 
@@ -74,13 +74,12 @@ def build_fsdp_lora_model(model_dir: str | os.PathLike, dtype: torch.dtype, lora
                     continue  # the tied output projection is embed_in's weight
                 if key not in params:
                     raise CheckpointError(f"{path}: unexpected tensor {file_key!r} for this config.json")
-                full = f.get_tensor(file_key)
-                if tuple(full.shape) != tuple(params[key].shape):
-                    raise CheckpointError(f"{path}: {file_key} has shape {tuple(full.shape)}, "
+                shape = tuple(f.get_slice(file_key).get_shape())
+                if shape != tuple(params[key].shape):
+                    raise CheckpointError(f"{path}: {file_key} has shape {shape}, "
                                           f"config.json implies {tuple(params[key].shape)}")
-                load_full_tensor(params[key], full.to(device=info.device, dtype=dtype))
+                _load_shard(f, file_key, params[key], info.device, dtype)
                 loaded.add(key)
-                del full
     for name, value in lora_init.items():
         load_full_tensor(params[name], value)
         loaded.add(name)
@@ -91,3 +90,22 @@ def build_fsdp_lora_model(model_dir: str | os.PathLike, dtype: torch.dtype, lora
     if trainable != sorted(lora_init):  # to("meta") / to_empty keep requires_grad; make sure of it
         raise RuntimeError("build_fsdp_lora_model: trainable parameters changed while sharding")
     return model, root, report
+
+
+def _load_shard(f, file_key: str, param: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
+    """Copy checkpoint tensor `file_key` into `param`: for FSDP2's dim-0 sharding read only this rank's rows
+    (torch.chunk layout, as fully_shard uses), so each rank touches 1/N of the file; else the full tensor."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if isinstance(param, DTensor) and tuple(param.placements) == (Shard(0),) and param.dim() > 0:
+        world, rank = param.device_mesh.size(), param.device_mesh.get_local_rank()
+        rows = param.shape[0]
+        chunk = -(-rows // world)
+        start, stop = min(rank * chunk, rows), min((rank + 1) * chunk, rows)
+        local = param.to_local()
+        if local.shape[0] == stop - start:
+            if stop > start:
+                with torch.no_grad():
+                    local.copy_(f.get_slice(file_key)[start:stop].to(device=device, dtype=dtype))
+            return
+    load_full_tensor(param, f.get_tensor(file_key).to(device=device, dtype=dtype))
