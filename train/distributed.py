@@ -126,14 +126,14 @@ def cleanup() -> None:
 
 def describe_failure(exc: BaseException) -> str | None:
     """A one-line explanation when `exc` is a collective that failed because another rank died or hung."""
+    if isinstance(exc, DistributedError):
+        return str(exc)
     text = f"{type(exc).__name__}: {exc}"
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     markers = ("Timed out", "timed out", "Connection closed", "Connection reset", "Broken pipe",
                "gloo", "NCCL", "nccl", "DistBackendError", "DistNetworkError", "peer")
     if not (isinstance(exc, (RuntimeError, ConnectionError, OSError)) and any(m in text for m in markers)):
         return None
-    if isinstance(exc, DistributedError):
-        return str(exc)
     rank = dist.get_rank() if is_initialized() else os.environ.get("RANK", "?")
     return (f"rank {rank}: a collective operation failed — another rank died or stopped responding "
             f"(timeout {collective_timeout_s():g} s, set ${TIMEOUT_ENV} to change it). Cause: {first[:300]}")
