@@ -135,9 +135,18 @@ def main() -> None:
             local_numel = {n: p.to_local().numel() if hasattr(p, "to_local") else p.numel()
                            for n, p in model.named_parameters()}
             numels = gather_objects(local_numel)
+
+            def failing_write() -> None:
+                raise OSError("disk full")
+            try:  # rank 0 re-raises its error, the other ranks get DistributedError (not a hang)
+                on_main(info, failing_write)
+                caught = "nothing"
+            except Exception as exc:
+                caught = f"{type(exc).__name__}: {exc}"
+            errors = gather_objects(caught)
             on_main(info, lambda: (out / f"{mode}_check.txt").write_text(
                 repr({"optim_roundtrip": diff, "param_roundtrip": param_diff, "zeroed": zeroed,
-                      "numel_per_rank": numels})))
+                      "numel_per_rank": numels, "on_main_errors": errors})))
 
 
 if __name__ == "__main__":
