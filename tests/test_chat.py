@@ -123,8 +123,10 @@ def test_cli_once_loads_merges_and_stores(model_and_adapter, tmp_path, monkeypat
 
     def fake_generate(model, tokenizer, prompts, config, stream=None):
         from lora import lora_layers
+        from train.packed_linear import PackedLinear, packing_available
         seen.update(model=model, prompts=prompts, config=config)
         assert not list(lora_layers(model)) and not model.training        # merged, eval mode
+        assert isinstance(model.embed_out, PackedLinear) == packing_available()
         return ["[좋아하는 가수: 아이유] 아이유 노래 좋지!"]
 
     monkeypatch.setattr(chat, "generate", fake_generate)

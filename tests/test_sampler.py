@@ -304,3 +304,26 @@ def test_greedy_matches_hf_generate(hf_folder, penalty):
                                              pad_token_id=1, eos_token_id=None)
                     expected[k] = alone[0, real.shape[1]:].tolist()
         assert got == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_packed_linears_same_logits_and_tokens(dtype):
+    from train.packed_linear import PackedLinear, pack_linears, packing_available
+    model = tiny_model(seed=4).to(dtype)
+    ids = torch.randint(3, 320, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(ids)
+    tokens = generate_ids(model, ids, None, GREEDY)
+    n = pack_linears(model)
+    if not packing_available():                  # a build without oneDNN: a no-op, model untouched
+        assert n == 0
+        return
+    assert n == 2 * 4 + 1                        # qkv, dense, h_to_4h, 4h_to_h per layer + embed_out
+    assert isinstance(model.embed_out, PackedLinear) and model.dtype == dtype
+    with torch.no_grad():
+        after = model(ids)
+    if dtype == torch.bfloat16:
+        assert torch.equal(after, before)        # bitwise: the same oneDNN kernel, weight laid out once
+    else:
+        torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    assert generate_ids(model, ids, None, GREEDY) == tokens

@@ -9,7 +9,8 @@ One turn:
     show strip_memory_items(raw)                             # the answer without its [key: value] items
 
 Model: `--model DIR` (a GPT-NeoX HF folder with tokenizer.json) + `--adapter DIR` (PEFT LoRA), merged into the
-weights once at start-up so decoding costs the same as the base model. With neither flag it uses what
+weights once at start-up so decoding costs the same as the base model, and on CPU the linear weights are
+pre-packed for oneDNN (`train.packed_linear`, ~1.5-2x faster batch-1 decoding; `--no-pack` to skip). With neither flag it uses what
 `python -m train.sft` saved: the adapter `runs/sft/best/` and its base (the folder the adapter names, else
 `runs/sft/base/`).
 
@@ -173,8 +174,12 @@ def resolve_model_dirs(model: str | Path | None, adapter: str | Path | None) -> 
                     "pass --model DIR (or run `python -m train.sft` first)")
 
 
-def load_chat_model(model_dir: Path, adapter_dir: Path | None, dtype: torch.dtype = torch.float32):
-    """(merged model in eval mode, tokenizer). The tokenizer is read from the model folder, else the adapter's."""
+def load_chat_model(model_dir: Path, adapter_dir: Path | None, dtype: torch.dtype = torch.float32,
+                    pack: bool = True):
+    """(merged model in eval mode, tokenizer). The tokenizer is read from the model folder, else the adapter's.
+
+    With `pack` (CPU), linear weights are pre-packed for oneDNN (train.packed_linear): faster decoding, same
+    numbers (bitwise in bf16); the model is then inference-only."""
     from gptneox.load import load_model
     from gptneox.tokenizer import Tokenizer
     from lora import load_adapter, merge_lora
@@ -190,7 +195,11 @@ def load_chat_model(model_dir: Path, adapter_dir: Path | None, dtype: torch.dtyp
             raise ChatError(f"{adapter_dir}: --adapter folder not found")
         load_adapter(model, adapter_dir)
         merge_lora(model)
-    return model.eval(), Tokenizer.from_folder(tok_dir)
+    model.eval()
+    if pack:
+        from train.packed_linear import pack_linears
+        pack_linears(model)
+    return model, Tokenizer.from_folder(tok_dir)
 
 
 def load_memory(store_path: Path, memory_model: str | Path | None, no_memory: bool) -> tuple[MemoryStore, str | None]:
@@ -233,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="model weights dtype (bf16: faster, "
                                                                              "half the memory for a 1.3B model)")
+    p.add_argument("--no-pack", action="store_true", help="keep plain nn.Linear layers (no oneDNN weight packing)")
     return p
 
 
@@ -253,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                                 max_trials=args.max_trials, seed=args.seed)
         model_dir, adapter_dir = resolve_model_dirs(args.model, args.adapter)
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-        model, tokenizer = load_chat_model(model_dir, adapter_dir, dtype)
+        model, tokenizer = load_chat_model(model_dir, adapter_dir, dtype, pack=not args.no_pack)
         memory, note = load_memory(Path(args.memory_store), args.memory_model, args.no_memory)
     except (ValueError, OSError) as e:   # ChatError, config/adapter/tokenizer/memory errors, missing files
         print(f"error: {e}", file=sys.stderr)
