@@ -20,6 +20,7 @@ from train.distributed import (DistInfo, apply_fsdp, distributed_session, full_o
                                gather_objects)
 
 DIM, N_LAYERS, N_BATCHES, BATCH, STEPS, ACCUM = 16, 3, 12, 3, 3, 2
+SLOW_S = 7.0  # > the 5 s collective timeout the test sets
 
 
 class ToyLayer(nn.Module):
@@ -104,6 +105,9 @@ def main() -> None:
                 all_reduce_sum([1.0])
                 time.sleep(0.01)
             return
+        # rank 0 busy for longer than the collective timeout ($OHLORA_DIST_TIMEOUT, set short by the test): the
+        # others wait for it because on_main was given wait_s
+        slept = on_main(info, lambda: time.sleep(SLOW_S) or SLOW_S, wait_s=120)
         for mode in mode.split(","):  # e.g. "ddp,fsdp": both in one process group
             model, opt = train(info, mode, accum=1)
             state = trainable_state_dict(model)                  # collective under FSDP
@@ -146,7 +150,7 @@ def main() -> None:
             errors = gather_objects(caught)
             on_main(info, lambda: (out / f"{mode}_check.txt").write_text(
                 repr({"optim_roundtrip": diff, "param_roundtrip": param_diff, "zeroed": zeroed,
-                      "numel_per_rank": numels, "on_main_errors": errors})))
+                      "numel_per_rank": numels, "on_main_errors": errors, "slept": slept})))
 
 
 if __name__ == "__main__":

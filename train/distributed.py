@@ -122,6 +122,7 @@ def cleanup() -> None:
 
         gc.collect()
         dist.destroy_process_group()
+        _slow_groups.clear()
 
 
 def describe_failure(exc: BaseException) -> str | None:
@@ -206,11 +207,23 @@ def gather_objects(obj: T) -> list[T]:
     return out
 
 
-def on_main(info: DistInfo, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+_slow_groups: dict[float, Any] = {}
+
+
+def _group_with_timeout(timeout_s: float):
+    """A gloo group over all ranks whose collectives wait up to `timeout_s` (made once, by all ranks)."""
+    if timeout_s not in _slow_groups:
+        _slow_groups[timeout_s] = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    return _slow_groups[timeout_s]
+
+
+def on_main(info: DistInfo, fn: Callable[..., T] | None, *args: Any, wait_s: float | None = None,
+            **kwargs: Any) -> T | None:
     """Run `fn` on rank 0 only (file writes, plots); every rank waits for it and returns its result.
 
     If `fn` fails on rank 0, rank 0 re-raises and the other ranks raise DistributedError naming the failure,
-    instead of waiting in a barrier until the timeout.
+    instead of waiting in a barrier until the timeout. The others wait up to the collective timeout, or up to
+    `wait_s` seconds for a long job on rank 0 (e.g. building the default base model).
     """
     if not info.enabled:
         return fn(*args, **kwargs)
@@ -221,7 +234,9 @@ def on_main(info: DistInfo, fn: Callable[..., T], *args: Any, **kwargs: Any) -> 
             outcome = (True, fn(*args, **kwargs))
         except Exception as exc:  # report to the others, then re-raise here
             error, outcome = exc, (False, f"{type(exc).__name__}: {exc}")
-    ok, value = broadcast_object(outcome if info.is_main else None)
+    box = [outcome if info.is_main else None]
+    dist.broadcast_object_list(box, src=0, group=_group_with_timeout(wait_s) if wait_s else None)
+    ok, value = box[0]
     if error is not None:
         raise error
     if not ok:
