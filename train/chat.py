@@ -10,9 +10,9 @@ One turn:
 
 Model: `--model DIR` (a GPT-NeoX HF folder with tokenizer.json) + `--adapter DIR` (PEFT LoRA), merged into the
 weights once at start-up so decoding costs the same as the base model, and on CPU the linear weights are
-pre-packed for oneDNN (`train.packed_linear`, ~1.5-2x faster batch-1 decoding; `--no-pack` to skip). With neither flag it uses what
-`python -m train.sft` saved: the adapter `runs/sft/best/` and its base (the folder the adapter names, else
-`runs/sft/base/`).
+pre-packed for oneDNN (`train.packed_linear`: faster batch-1 decoding, same numbers; `--no-pack` to skip).
+With neither flag it uses what `python -m train.sft` saved: the adapter `runs/sft/best/` and its base (the
+folder the adapter names, else `runs/sft/base/`).
 
 Memory: `--memory-model DIR` (a sentence-transformers folder; default `runs/sbert/best` when
 `python -m sbert.train` has made it) and `--memory-store FILE` (default `runs/memory.txt`). Without a memory
