@@ -2,9 +2,9 @@
 
     y = x Wᵀ + b  [-> act(y)]  [-> y + residual]       x (..., K), W (N, K) packed once, re-packed when it changes
 
-Why: PyTorch's eager `F.linear` on CPU calls MKL sgemm, which on this project's AMD EPYC hosts runs well below
-oneDNN's packed GEMM (1.4–2.7× slower per call in our measurements); oneDNN also fuses the GELU / residual add
-into the GEMM's epilogue, saving passes over the activations. Results equal `F.linear` up to fp32 summation
+Why: PyTorch's eager `F.linear` on CPU calls MKL sgemm, which on this project's AMD EPYC hosts takes 1.2–2.0×
+as long as oneDNN's packed GEMM on MiniLM's q/k/v and feed-forward shapes (`python -m bench.sbert_linear`);
+oneDNN also fuses the GELU / residual add into the GEMM's epilogue, saving passes over the activations. Results equal `F.linear` up to fp32 summation
 order (~1e-6 relative).
 
 Used only when no gradient is recorded (`torch.no_grad` / `torch.inference_mode`), the module is in eval mode,
@@ -77,7 +77,7 @@ class PackedLinear:
 
     def _refresh(self) -> None:
         params = [p for lin in self._linears for p in (lin.weight, lin.bias)]
-        key = tuple((p.data_ptr(), p._version) for p in params)
+        key = tuple((p.data_ptr(), _version(p)) for p in params)
         if (key == self._key and len(self._fingerprint) == len(params)
                 and all(torch.equal(self._sample(p), f) for p, f in zip(params, self._fingerprint))):
             return
@@ -95,6 +95,13 @@ class PackedLinear:
             op, algorithm = FUSED_ACTIVATIONS[act]
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, op, [], algorithm)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+def _version(t: Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # tensors created under inference_mode keep no version counter: the fingerprint decides
+        return -1
 
 
 def plain_linear(linears: tuple[nn.Linear, ...], x: Tensor) -> Tensor:

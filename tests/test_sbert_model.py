@@ -242,3 +242,11 @@ def test_unsupported_folders_fail_clearly(tmp_path, tiny_st6):
         SentenceEncoder.load(dense)
     with pytest.raises(SentenceModelError, match="model folder not found"):
         SentenceEncoder.load(tmp_path / "nope")
+
+
+def test_model_loaded_under_inference_mode_encodes(tiny_st6):
+    """Parameters created under inference_mode keep no version counter; the pack check must cope."""
+    with torch.inference_mode():
+        inside = SentenceEncoder.load(tiny_st6 / "st").encode(TEXTS[:4])
+    outside = SentenceEncoder.load(tiny_st6 / "st").encode(TEXTS[:4])
+    assert np.abs(inside - outside).max() <= 1e-6
