@@ -69,14 +69,18 @@ def interleaved(fns: dict, repeats: int, warmups: dict | None = None) -> tuple[d
     for name, fn in fns.items():
         (warmups or fns)[name]()
     times: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
     outputs = {}
     for _ in range(repeats):
         for name, fn in fns.items():
             t0, c0 = time.perf_counter(), time.process_time()
             outputs[name] = fn()
             times[name].append(time.perf_counter() - t0)
-            CPU_SHARE.append((time.process_time() - c0) / times[name][-1])
-    return {name: statistics.median(t) for name, t in times.items()}, outputs
+            cpu[name].append(time.process_time() - c0)
+            CPU_SHARE.append(cpu[name][-1] / times[name][-1])
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    medians.update({f"{name}_cpu": statistics.median(t) for name, t in cpu.items()})
+    return medians, outputs
 
 
 CPU_SHARE: list[float] = []  # CPU seconds / wall seconds of each timed call: < threads means contention
@@ -173,12 +177,14 @@ def main() -> None:
         times, _ = interleaved({"ours": lambda: ours(batch), "hf": lambda: hf(input_ids=batch).logits},
                                args.repeats)
     results["forward_ours"], results["forward_hf"] = times["ours"], times["hf"]
+    results["forward_ours_cpu"], results["forward_hf_cpu"] = times["ours_cpu"], times["hf_cpu"]
     prompt = batch[:1, :args.prompt_len]
     times, outs = interleaved({"ours": lambda: ours_greedy(ours, prompt, args.steps),
                                "hf": lambda: hf_greedy(hf, prompt, args.steps)}, args.decode_repeats,
                               warmups={"ours": lambda: ours_greedy(ours, prompt, 4),
                                        "hf": lambda: hf_greedy(hf, prompt, 4)})
     results["decode_ours"], results["decode_hf"] = times["ours"], times["hf"]
+    results["decode_ours_cpu"], results["decode_hf_cpu"] = times["ours_cpu"], times["hf_cpu"]
     same = (outs["ours"] == outs["hf"]).float().mean().item()
 
     bw = memory_bandwidth_gbs()
@@ -190,6 +196,11 @@ def main() -> None:
     print(f"decode {args.steps} steps (prompt {args.prompt_len}, incl. prefill)  ours {results['decode_ours']:.2f} s "
           f"({per_ours * 1e3:.1f} ms/token)   HF generate {results['decode_hf']:.2f} s ({per_hf * 1e3:.1f} ms/token)"
           f"   HF/ours {results['decode_hf'] / results['decode_ours']:.2f}x   greedy tokens equal: {same:.0%}")
+    print(f"CPU seconds (all threads; robust to other processes taking cores): forward ours "
+          f"{results['forward_ours_cpu']:.2f} HF {results['forward_hf_cpu']:.2f} -> HF/ours "
+          f"{results['forward_hf_cpu'] / results['forward_ours_cpu']:.2f}x;  decode ours "
+          f"{results['decode_ours_cpu']:.2f} HF {results['decode_hf_cpu']:.2f} -> HF/ours "
+          f"{results['decode_hf_cpu'] / results['decode_ours_cpu']:.2f}x")
     print(f"memory copy bandwidth {bw:.1f} GB/s -> weight-read bound {bound * 1e3:.1f} ms/token "
           f"({weight_bytes / 1e9:.2f} GB / token); ours at {bound / per_ours:.0%} of the bound")
     print(f"cores busy during timed calls: {min(CPU_SHARE):.2f}-{max(CPU_SHARE):.2f} of {torch.get_num_threads()} "

@@ -113,19 +113,27 @@ class SafetensorsFile:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.entries[key]["shape"])
 
-    def read(self, key: str, fh, dtype: torch.dtype) -> torch.Tensor:
-        """The tensor `key` as `dtype` (read straight into the result when the file already has that dtype)."""
+    def nbytes(self, key: str) -> int:
+        begin, end = self.entries[key]["data_offsets"]
+        return end - begin
+
+    def read(self, key: str, fh, dtype: torch.dtype, staging: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor `key` as `dtype`: read straight into the result when the file already has that dtype,
+        else into `staging` (a reused uint8 buffer, so conversions allocate nothing but their results)."""
         entry = self.entries[key]
         src_dtype = ST_DTYPES.get(entry["dtype"])
         if src_dtype is None:
             raise CheckpointError(f"{self.path}: tensor {key} has unsupported dtype {entry['dtype']}")
         begin, end = entry["data_offsets"]
-        raw = torch.empty(end - begin, dtype=torch.uint8)
+        n = end - begin
+        convert = src_dtype != dtype
+        raw = staging[:n] if convert and staging is not None and staging.numel() >= n else \
+            torch.empty(n, dtype=torch.uint8)
         fh.seek(self.data_start + begin)
-        if fh.readinto(raw.numpy()) != end - begin:
+        if n and fh.readinto(raw.numpy()) != n:
             raise CheckpointError(f"{self.path}: tensor {key} is truncated")
-        t = raw.view(src_dtype).view(entry["shape"]) if end > begin else torch.empty(entry["shape"], dtype=src_dtype)
-        return t if src_dtype == dtype else t.to(dtype)
+        t = raw.view(src_dtype).view(entry["shape"]) if n else torch.empty(entry["shape"], dtype=src_dtype)
+        return t.to(dtype) if convert else t
 
 
 def load_model(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
@@ -163,14 +171,16 @@ def load_model(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
     if problems:
         raise CheckpointError(f"{folder}: checkpoint does not match config.json: " + "; ".join(problems))
 
-    # 2) Read file by file, tensor by tensor, casting as we go: peak = the result + one source tensor.
+    # 2) Read file by file, tensor by tensor, casting as we go: peak = the result + one staging buffer.
     device = torch.device(device)
+    staging = torch.empty(max((f.nbytes(k) for f, k in found.values()), default=0), dtype=torch.uint8)
     state: dict[str, torch.Tensor] = {}
     for f in files:
         with open(f.path, "rb") as fh:
             for key, (owner, file_key) in found.items():
                 if owner is f:
-                    state[key] = f.read(file_key, fh, dtype).to(device)
+                    state[key] = f.read(file_key, fh, dtype, staging).to(device)
+    del staging
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
