@@ -6,9 +6,15 @@ No weights ship with the project and nothing is downloaded, so the default run b
    CSV's text, specials `<|endoftext|>` (id 0, EOS) and `<|pad|>` (id 1);
 2. a tiny GPT-NeoX with Polyglot-Ko's architecture scaled down (parallel residual, partial rotary, untied
    output projection, gelu);
-3. a short full-parameter "pre-training" (next token over every question and every *training* answer as
-   plain documents — no prompt template, no validation answers, so the validation loss stays honest) so
-   that LoRA has a language model to adapt rather than noise.
+3. a short full-parameter "pre-training" (next token over every question and every *training* answer, each
+   a separate document wrapped in its half of the prompt template — `{input} (답변 시작) ### 답변:` and
+   ` {output} (답변 종료)` — so that the marker tokens have trained embedding rows; questions are never
+   followed by their answers and validation answers are never seen, so the validation loss stays honest and
+   the SFT has the pairing to learn) so that LoRA has a language model to adapt rather than noise.
+
+   Why the halves of the template: an untied output row that pre-training never touched stays near its
+   random init (small norm), and a LoRA on the frozen layers cannot raise such a token's logit enough — the
+   end marker `(답변 종료)` then never comes out and generation never stops.
 
 The folder (HF layout: config.json, model.safetensors, tokenizer.json, tokenizer_config.json) is cached: a
 fingerprint of the data file and of `DefaultModelSpec` is stored in `ohlora_default.json`, and a folder whose
@@ -144,8 +150,11 @@ def build_default_base(folder: str | Path, data_path: str | Path | None = None,
     torch.manual_seed(spec.seed)
     model = GPTNeoXForCausalLM(config)
     # Documents: questions (all rows) and training answers — validation answers stay unseen.
-    docs_text = [p.input_text for p in data.train + data.valid + data.prompts] + \
-                [p.output_text for p in data.train]
+    # Each question and each training answer is its own document, wrapped in its half of the template, so the
+    # marker tokens get trained embedding rows; a question is never followed by its answer here — pairing
+    # them is what the LoRA SFT learns.
+    docs_text = [template.prompt(p.input_text) for p in data.train + data.valid + data.prompts] + \
+                [template.answer_text(p.output_text) for p in data.train]
     docs = [tok.encode(t).ids + [eos_id] for t in docs_text]
     blocks = _packed_blocks(docs, spec.pretrain_block + 1, spec.seed)  # +1: inputs and shifted targets
     n_batches = math.ceil(len(blocks) / spec.pretrain_batch)
