@@ -196,6 +196,8 @@ def run(argv: list[str] | None = None) -> dict:
     valid_set = encode_pairs(tokenizer, template, data.valid, args.max_length)
     lengths = [len(e) for e in train_set.examples]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if not train_set.examples:
+        raise SFTDataError(f"{data_path}: no training example left after truncation to {args.max_length}")
     if info.is_main:
         n_trunc = train_set.n_truncated + valid_set.n_truncated
         if n_trunc:
@@ -208,8 +210,6 @@ def run(argv: list[str] | None = None) -> dict:
               f"{len(data.prompts)} prompt-only | batch {args.batch_size}×{args.grad_accum} accum "
               f"×{info.world_size} rank(s) | padding {100 * (1 - real / padded):.1f}% of batch tokens",
               flush=True)
-    if not train_set.examples:
-        raise SFTDataError(f"{data_path}: no training example left after truncation to {args.max_length}")
 
     def batches_for_epoch(epoch: int) -> list[list[int]]:
         return length_bucketed_batches(lengths, args.batch_size, args.seed, epoch)
