@@ -43,7 +43,8 @@ from torch import Tensor
 from sbert.evaluate import PairsFileError, bundled_pairs, evaluate, format_table, json_safe, load_pairs, plot_scatter
 from sbert.model import SentenceEncoder
 from train.checkpoint import atomic_write_dir, atomic_write_text
-from train.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shard
+from train.distributed import (DistInfo, all_reduce_sum, barrier, fail_fast_on_collective_error, init_distributed,
+                               loss_scale, shard, wrap_ddp)
 from train.optim import build_adamw, build_scheduler
 from train.progress import JsonlLogger, plot_curves, progress_bar, read_jsonl
 
@@ -240,7 +241,8 @@ def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
     model.max_seq_length = cfg.max_seq_length or default_max_seq_length(model)
     say(f"base {base} | max_seq_length {model.max_seq_length} "
         f"({tokens_per_syllable(model):.1f} tokens per Hangul syllable) | "
-        f"{len(fit_df)} train / {len(valid_df)} valid pairs")
+        f"{len(fit_df)} train / {len(valid_df)} valid pairs | batch {cfg.batch_size} × {info.world_size} rank(s) "
+        f"= global batch {cfg.batch_size * info.world_size}{' (DDP)' if info.enabled else ''}")
 
     out = Path(cfg.output)
     log_path = out / "log.jsonl"
@@ -260,8 +262,8 @@ def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
     lengths = cache.lengths.numpy()
     pair_len = np.maximum(lengths[a_all], lengths[b_all])
 
-    # A later DDP change wraps the module here (forward_model = DDP(model)); everything else stays.
-    forward_model: torch.nn.Module = model
+    # Under torchrun: DDP over the encoder (one forward per step, hence no split forwards when distributed).
+    forward_model: torch.nn.Module = wrap_ddp(model, info)
     allow_split = not info.enabled
     rng = np.random.default_rng(cfg.seed)
     batches_per_epoch = len(shard(make_batches(pair_len, cfg.batch_size, np.random.default_rng(0), False),
@@ -278,7 +280,11 @@ def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
         window_loss, window_n, t0 = 0.0, 0, time.perf_counter()
         for idx in batches:
             loss = pair_loss(forward_model, cache, a_all[idx], b_all[idx], scores_all[idx], allow_split)
-            loss.backward()
+            if info.enabled:  # mean over the global batch: this rank's pair-sum × N / all ranks' pairs (DDP ÷ N)
+                factor, _ = loss_scale(len(idx), info)
+                (loss * (len(idx) * factor)).backward()
+            else:
+                loss.backward()
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
@@ -371,10 +377,14 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
-        train(cfg)
+        with fail_fast_on_collective_error():  # a dead / hung rank: one clear line, exit 1, no hang
+            train(cfg)
     except (TrainSetupError, PairsFileError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        from train.distributed import cleanup
+        cleanup()
     return 0
 
 

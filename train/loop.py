@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -27,11 +28,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from train.checkpoint import atomic_write_dir, atomic_write_text
-from train.distributed import DistInfo, barrier, init_distributed, shard
+from train.distributed import (DistInfo, all_reduce_sum, full_optimizer_state_dict, full_trainable_params,
+                               gather_objects, grad_sync, init_distributed, is_fsdp, load_full_tensor,
+                               load_optimizer_state_dict, on_main, shard, trainable_state_dict, unwrap, wrap_ddp)
 from train.optim import build_adamw, build_scheduler
 from train.progress import JsonlLogger, plot_curves, progress_bar, read_jsonl
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the position is kept in global micro-batches (any world size resumes it)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -139,11 +142,15 @@ class Trainer:
                  sample_fn: Callable[[], dict] | None = None, training_args: dict | None = None,
                  info: DistInfo | None = None, tokens_in_batch: Callable[[Any], int] | None = None,
                  collate_fn: Callable[[Any], Any] | None = None):
-        self.module, self.cfg = train_module, config
+        self.cfg = config
         self.batches_for_epoch, self.eval_fn, self.save_fn, self.sample_fn = \
             batches_for_epoch, eval_fn, save_fn, sample_fn
         self.training_args = training_args or {}
         self.info = info or init_distributed()
+        # Under torchrun: DDP over the trainable parameters, unless the caller sharded the module with FSDP2
+        # (train.distributed.apply_fsdp). `self.module` is what a step calls; parameter names come from the
+        # unwrapped module, so states and adapters look the same for every world size.
+        self.module = train_module if is_fsdp(train_module) else wrap_ddp(train_module, self.info)
         self.tokens_in_batch = tokens_in_batch or _count_input_tokens
         self.collate_fn = collate_fn or (lambda spec: spec)
         self.out = Path(config.output_dir) if config.output_dir else None
@@ -179,13 +186,14 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if (cfg.precision == "fp16"
                                                        and self.device.type == "cuda") else None
         res = TrainResult()
-        start_epoch, start_micro = 0, 0
+        start_epoch, start_global = 0, 0
         if cfg.resume:
-            start_epoch, start_micro, res = self._load_state(Path(cfg.resume))
+            start_epoch, start_global, res = self._load_state(Path(cfg.resume))
         elif self.is_main and self.out:
             (self.out / "log.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
             self.logger.log(event="start", total_steps=total_steps, epochs=epochs, warmup_steps=warmup,
                             steps_per_epoch=steps_per_epoch, world_size=self.info.world_size,
+                            micro_batches_per_step=self.info.world_size * cfg.grad_accum,
                             trainable_params=sum(p.numel() for p in self.params))
         if cfg.eval_at_start and self.eval_fn and not cfg.resume:
             self._evaluate_and_save(res, 0.0, save=False, samples=False)
@@ -195,9 +203,14 @@ class Trainer:
         t_start, tok_window, t_window = time.perf_counter(), 0, time.perf_counter()
         self.module.train()
         try:
+            world = self.info.world_size
             for epoch in range(start_epoch, epochs):
-                batches = rank_batches(self.batches_for_epoch(epoch), self.info)
-                micro = start_micro if epoch == start_epoch else 0
+                # Resume at a *global* position: every rank takes its share of the batches not yet done, so
+                # a run saved by N ranks continues under M ranks on the same data.
+                epoch_batches = self.batches_for_epoch(epoch)
+                offset = start_global if epoch == start_epoch else 0
+                batches = rank_batches(list(epoch_batches)[offset:], self.info)
+                micro = 0
                 while micro < len(batches) and res.global_step < total_steps:
                     window = batches[micro:micro + cfg.grad_accum]
                     loss, n_tok, n_in = self._optimizer_step(window, res.global_step, epoch, micro)
@@ -210,22 +223,24 @@ class Trainer:
                     tps = tok_window / max(now - t_window, 1e-9)
                     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:.0f}")
                     if res.global_step % cfg.log_every == 0 or res.global_step == total_steps:
-                        self.logger.log(step=res.global_step, epoch=epoch + micro / len(batches),
+                        self.logger.log(step=res.global_step,
+                                        epoch=epoch + (offset + micro * world) / len(epoch_batches),
                                         train_loss=loss, lr=self.scheduler.get_last_lr()[0],
                                         tokens_per_s=round(tps, 1), loss_tokens=n_tok)
                         tok_window, t_window = 0, now
                     stop_now = cfg.stop_after_steps is not None and res.global_step >= cfg.stop_after_steps
                     if (cfg.save_state_steps and res.global_step % cfg.save_state_steps == 0) or stop_now:
-                        self._save_state(epoch, micro, res)
+                        self._save_state(epoch, offset + micro * world, res)
                     if stop_now:
                         res.stopped_early = True
                         res.epoch = epoch
                         return self._finish(res, bar, t_start)
                 epoch_done = micro >= len(batches)
+                position = offset + micro * world
                 res.epoch = epoch + 1 if epoch_done else epoch
                 if cfg.eval_every_epoch or res.global_step >= total_steps:
-                    self._evaluate_and_save(res, epoch + 1 if epoch_done else epoch + micro / len(batches))
-                self._save_state(epoch + 1 if epoch_done else epoch, 0 if epoch_done else micro, res)
+                    self._evaluate_and_save(res, epoch + 1 if epoch_done else epoch + position / len(epoch_batches))
+                self._save_state(epoch + 1 if epoch_done else epoch, 0 if epoch_done else position, res)
                 if res.global_step >= total_steps:
                     break
         finally:
@@ -246,17 +261,22 @@ class Trainer:
         loss_total, n_total, n_input = 0.0, 0, 0
         for k, spec in enumerate(window):
             batch = _to_device(self.collate_fn(spec), self.device)
-            with autocast_context(self.cfg.precision, self.device):
-                loss_sum, n_tok = self.module(**batch)
-            loss_value = float(loss_sum.detach())
-            if not math.isfinite(loss_value):
-                raise NonFiniteLossError(
-                    f"training loss is {loss_value} at optimizer step {step + 1} (epoch {epoch + 1}, "
-                    f"micro-batch {micro + k + 1}); try a lower --lr, fp32, or check the data")
-            (self.scaler.scale(loss_sum) if self.scaler else loss_sum).backward()
+            with grad_sync(self.module, sync=k == len(window) - 1):  # DDP/FSDP: reduce grads once per step
+                with autocast_context(self.cfg.precision, self.device):
+                    loss_sum, n_tok = self.module(**batch)
+                loss_value = float(loss_sum.detach())
+                if not math.isfinite(loss_value):
+                    where = f" on rank {self.info.rank}" if self.info.enabled else ""
+                    raise NonFiniteLossError(
+                        f"training loss is {loss_value} at optimizer step {step + 1} (epoch {epoch + 1}, "
+                        f"micro-batch {micro + k + 1}){where}; try a lower --lr, fp32, or check the data")
+                (self.scaler.scale(loss_sum) if self.scaler else loss_sum).backward()
             loss_total += loss_value
             n_total += int(n_tok)
             n_input += self.tokens_in_batch(batch)
+        if self.info.enabled:  # the window's totals over all ranks: the global batch
+            loss_total, n_total, n_input = all_reduce_sum([loss_total, n_total, n_input])
+            n_total, n_input = int(n_total), int(n_input)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         self._normalise_grads(n_total)
@@ -272,8 +292,12 @@ class Trainer:
         return loss_total / max(n_total, 1), n_total, n_input
 
     def _normalise_grads(self, n_tokens: int) -> None:
-        """Summed-loss grads → per-token mean over the window (under DDP: all-reduce n_tokens first)."""
-        scale = 1.0 / max(n_tokens, 1)
+        """Summed-loss grads → per-token mean over the window; `n_tokens` counts the whole global window.
+
+        DDP and FSDP average the ranks' gradients (÷ world size), hence the factor world / n_tokens: the
+        result is Σ_ranks grad(loss_sum) / n_tokens, what one process computes over the same global batch.
+        """
+        scale = self.info.world_size / max(n_tokens, 1)
         for p in self.params:
             if p.grad is not None:
                 p.grad.mul_(scale)
@@ -302,28 +326,34 @@ class Trainer:
             self._save_adapter("last", res, epoch_pos)
 
     def _save_adapter(self, name: str, res: TrainResult, epoch_pos: float) -> None:
-        if self.is_main:
-            args = {**self.training_args, "loop": asdict(self.cfg), "global_step": res.global_step,
-                    "epoch": round(epoch_pos, 4), "eval": res.last_eval}
+        args = {**self.training_args, "loop": asdict(self.cfg), "global_step": res.global_step,
+                "epoch": round(epoch_pos, 4), "eval": res.last_eval, "world_size": self.info.world_size}
 
-            def write(tmp: Path) -> None:
-                self.save_fn(tmp)
-                (tmp / "training_args.json").write_text(json.dumps(args, ensure_ascii=False, indent=2),
-                                                        encoding="utf-8")
-            atomic_write_dir(self.out / name, write)
-        barrier()
+        def write(tmp: Path) -> None:
+            self.save_fn(tmp)
+            (tmp / "training_args.json").write_text(json.dumps(args, ensure_ascii=False, indent=2),
+                                                    encoding="utf-8")
+        # FSDP: every rank gathers the sharded adapter into full tensors, rank 0 writes them
+        with full_trainable_params(unwrap(self.module)):
+            on_main(self.info, atomic_write_dir, self.out / name, write)
 
     # ------------------------------------------------------------------------------------- resume state
     def _save_state(self, epoch: int, micro: int, res: TrainResult) -> None:
+        """`micro`: global micro-batches of `epoch` done (all ranks together). Every rank takes part (FSDP
+        gathers its shards; the RNG state of each rank is kept); rank 0 writes."""
         if not self.out:
             return
+        tensors = trainable_state_dict(self.module)
+        optimizer_state = full_optimizer_state_dict(self.optimizer)
+        rng_per_rank = gather_objects(_rng_state())
         if self.is_main:
-            tensors = {n: p.detach().to("cpu").contiguous() for n, p in self.named_params}
             state = {
-                "version": STATE_VERSION, "epoch": epoch, "micro": micro, "global_step": res.global_step,
-                "train_tokens": res.train_tokens, "world_size": self.info.world_size,
-                "best_eval_loss": res.best_eval_loss, "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "rng": _rng_state(),
+                "version": STATE_VERSION, "epoch": epoch, "micro": micro, "global_micro": micro,
+                "global_step": res.global_step, "train_tokens": res.train_tokens,
+                "world_size": self.info.world_size,
+                "micro_batches_per_step": self.info.world_size * self.cfg.grad_accum,
+                "best_eval_loss": res.best_eval_loss, "optimizer": optimizer_state,
+                "scheduler": self.scheduler.state_dict(), "rng": rng_per_rank[0], "rng_per_rank": rng_per_rank,
                 "scaler": self.scaler.state_dict() if self.scaler else None,
             }
 
@@ -332,10 +362,13 @@ class Trainer:
                 torch.save(state, tmp / "state.pt")
                 (tmp / "meta.json").write_text(json.dumps(
                     {"epoch": epoch, "micro_batch": micro, "global_step": res.global_step,
-                     "best_eval_loss": res.best_eval_loss, "config": asdict(self.cfg)}, indent=2),
+                     "best_eval_loss": res.best_eval_loss, "world_size": self.info.world_size,
+                     "config": asdict(self.cfg)}, indent=2),
                     encoding="utf-8")
-            atomic_write_dir(self.out / "state", write)
-        barrier()
+
+            def save() -> None:
+                atomic_write_dir(self.out / "state", write)
+        on_main(self.info, save if self.is_main else None)
 
     def _load_state(self, folder: Path) -> tuple[int, int, TrainResult]:
         if not (folder / "state.pt").is_file() or not (folder / "trainable.safetensors").is_file():
@@ -347,22 +380,37 @@ class Trainer:
             missing = sorted(set(names) - set(tensors))[:3]
             raise ResumeError(f"{folder}: the saved trainable tensors do not match this model "
                               f"(e.g. missing {missing}); same --lora-r/--lora-targets/--model?")
-        with torch.no_grad():
-            for n, p in self.named_params:
-                if tensors[n].shape != p.shape:
-                    raise ResumeError(f"{folder}: {n} has shape {tuple(tensors[n].shape)}, "
-                                      f"the model {tuple(p.shape)}")
-                p.copy_(tensors[n])
+        for n, p in self.named_params:
+            if tensors[n].shape != p.shape:
+                raise ResumeError(f"{folder}: {n} has shape {tuple(tensors[n].shape)}, "
+                                  f"the model {tuple(p.shape)}")
+            load_full_tensor(p, tensors[n])  # into this rank's shard under FSDP
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state_dict(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
+        world = self.info.world_size
+        per_rank = state.get("rng_per_rank")
+        _set_rng_state(per_rank[self.info.rank] if per_rank and len(per_rank) == world else state["rng"])
+        global_micro = state.get("global_micro", state["micro"] * state.get("world_size", 1))
         res = TrainResult(global_step=state["global_step"], epoch=state["epoch"],
                           best_eval_loss=state["best_eval_loss"], train_tokens=state["train_tokens"])
-        self.logger.log(event="resume", step=res.global_step, epoch=state["epoch"], micro_batch=state["micro"])
-        return state["epoch"], state["micro"], res
+        old_per_step = state.get("micro_batches_per_step", world * self.cfg.grad_accum)
+        new_per_step = world * self.cfg.grad_accum
+        if old_per_step != new_per_step:
+            # Same data position, a different global batch: rescale the step count so the lr schedule
+            # continues at the same fraction of the run. (Keep world × grad_accum fixed for identical updates.)
+            res.global_step = round(res.global_step * old_per_step / new_per_step)
+            self.scheduler.last_epoch = res.global_step - 1
+            self.scheduler.step()
+            if self.is_main:
+                print(f"note: resuming with {new_per_step} micro-batches per optimizer step "
+                      f"(world {world} × accumulation {self.cfg.grad_accum}) instead of {old_per_step}: the data "
+                      f"position is kept, the step count becomes {res.global_step}", file=sys.stderr)
+        self.logger.log(event="resume", step=res.global_step, epoch=state["epoch"], micro_batch=global_micro,
+                        world_size=world, saved_world_size=state.get("world_size", 1))
+        return state["epoch"], global_micro, res
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

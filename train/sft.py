@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 from data.sft import (IGNORE_INDEX, PromptTemplate, SFTData, SFTDataError, collate, encode_pairs,
                       length_bucketed_batches, load_sft_csv, padding_stats, perplexity)
 from train.default_model import DefaultModelSpec, build_default_base, bundled_data_path
-from train.distributed import init_distributed
+from train.distributed import (all_reduce_sum, fail_fast_on_collective_error, init_distributed, on_main,
+                               shard_for_eval)
 from train.loop import LoopConfig, NonFiniteLossError, ResumeError, Trainer
 
 ORIGINAL_TARGETS = ["query_key_value"]
@@ -128,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--threads", type=int, help="CPU intra-op threads (default: 1 for the tiny default model — small "
                                   "matmuls gain little from more and suffer badly on a busy machine; "
                                   "torch's default otherwise)")
+    a("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP2 (each rank holds 1/N of "
+                                          "the base weights) instead of DDP (a full copy per rank)")
     a("--no-progress", action="store_true")
     # tiny default model overrides
     a("--default-layers", type=int, default=DefaultModelSpec.num_hidden_layers)
@@ -152,13 +155,17 @@ def _load_base(model_dir: Path, dtype: torch.dtype, device: torch.device):
     from gptneox.load import load_model
     from gptneox.tokenizer import Tokenizer
 
+    _load_base_check(model_dir)
+    return load_model(model_dir, dtype=dtype, device=device), Tokenizer.from_folder(model_dir)
+
+
+def _load_base_check(model_dir: Path) -> None:
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir}: --model folder not found")
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: no config.json — not a GPT-NeoX HF model folder")
     if not (model_dir / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{model_dir}: no tokenizer.json next to the model")
-    return load_model(model_dir, dtype=dtype, device=device), Tokenizer.from_folder(model_dir)
 
 
 def run(argv: list[str] | None = None) -> dict:
@@ -174,21 +181,35 @@ def run(argv: list[str] | None = None) -> dict:
     if args.model is None:
         spec = DefaultModelSpec(num_hidden_layers=args.default_layers, hidden_size=args.default_hidden,
                                 vocab_size=args.default_vocab, pretrain_epochs=args.default_pretrain_epochs)
-        if info.is_main:
-            build_default_base(out / "base", data_path, spec, progress=show)
-        from train.distributed import barrier
-        barrier()
+        # rank 0 builds (or reuses) the base; the others wait for it however long it takes, not the timeout
+        on_main(info, build_default_base if info.is_main else None, out / "base", data_path, spec,
+                progress=show, wait_s=24 * 3600)
         model_dir = out / "base"
     else:
         model_dir = Path(args.model)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    model, tokenizer = _load_base(model_dir, dtype, info.device)
-
     from lora import LoRAConfig, inject_lora, save_adapter
     lora_cfg = LoRAConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                           target_modules=list(args.lora_targets))
-    torch.manual_seed(args.seed)  # the adapter's A init
-    report = inject_lora(model, lora_cfg)
+    fsdp = args.fsdp and info.enabled
+    if args.fsdp and not info.enabled and info.is_main:
+        print("note: --fsdp needs several processes (torchrun --nproc-per-node N); running one plain process",
+              file=sys.stderr)
+    if fsdp:
+        if args.precision == "fp16":
+            raise ValueError("--fp16 with --fsdp is not supported (no sharded grad scaler); use --bf16")
+        from gptneox.tokenizer import Tokenizer
+        from train.fsdp_model import build_fsdp_lora_model
+        _load_base_check(model_dir)
+        # built on the meta device and sharded before any weight is read: no rank ever holds the whole base
+        model, loss_module, report = build_fsdp_lora_model(model_dir, dtype, lora_cfg, args.seed, info,
+                                                           CausalLMLoss)
+        tokenizer = Tokenizer.from_folder(model_dir)
+    else:
+        model, tokenizer = _load_base(model_dir, dtype, info.device)
+        torch.manual_seed(args.seed)  # the adapter's A init
+        report = inject_lora(model, lora_cfg)
+        loss_module = CausalLMLoss(model)  # the Trainer wraps it in DDP under torchrun
     model.gpt_neox.gradient_checkpointing = bool(args.grad_checkpointing)
 
     template = PromptTemplate()
@@ -208,7 +229,9 @@ def run(argv: list[str] | None = None) -> dict:
         print(f"model {model_dir} | {report}\n"
               f"data {data_path}: {len(train_set.examples)} train, {len(valid_set.examples)} valid, "
               f"{len(data.prompts)} prompt-only | batch {args.batch_size}×{args.grad_accum} accum "
-              f"×{info.world_size} rank(s) | padding {100 * (1 - real / padded):.1f}% of batch tokens",
+              f"×{info.world_size} rank(s) = global batch {args.batch_size * args.grad_accum * info.world_size}"
+              f"{' (FSDP)' if fsdp else (' (DDP)' if info.enabled else '')} | "
+              f"padding {100 * (1 - real / padded):.1f}% of batch tokens",
               flush=True)
 
     def batches_for_epoch(epoch: int) -> list[list[int]]:
@@ -217,18 +240,20 @@ def run(argv: list[str] | None = None) -> dict:
     def collate_train(idx: list[int]) -> dict:
         return collate([train_set.examples[i] for i in idx], pad_id)
 
-    loss_module = CausalLMLoss(model)
-
     def eval_fn() -> dict:
         if not valid_set.examples:
             return {}
         vl = [len(e) for e in valid_set.examples]
         total, n = 0.0, 0
-        for idx in length_bucketed_batches(vl, 2 * args.batch_size, 0, 0, shuffle=False):
+        batches = length_bucketed_batches(vl, 2 * args.batch_size, 0, 0, shuffle=False)
+        # each rank scores its share (the same number of forwards on every rank, as FSDP needs); sums all-reduced
+        for idx, counted in shard_for_eval(batches, info.rank, info.world_size):
             b = collate([valid_set.examples[i] for i in idx], pad_id)
             loss_sum, k = loss_module(b["input_ids"].to(info.device), b["labels"].to(info.device))
-            total, n = total + float(loss_sum), n + k
-        # (a DDP run all-reduces total and n here)
+            if counted:
+                total, n = total + float(loss_sum), n + k
+        total, n = all_reduce_sum([total, n])
+        n = int(n)
         loss = total / max(n, 1)
         return {"eval_loss": loss, "eval_ppl": perplexity(loss), "eval_tokens": n}
 
@@ -261,8 +286,12 @@ def run(argv: list[str] | None = None) -> dict:
     training_args = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
     training_args.update(model=str(model_dir), data=str(data_path), lora=asdict(lora_cfg),
                          template=asdict(template))
+    if fsdp and args.eval_prompts > 0 and info.is_main:
+        print("note: sample answers are not generated under --fsdp (the model is sharded over the ranks); "
+              "try the saved adapter with python -m train.chat", file=sys.stderr)
     trainer = Trainer(loss_module, loop_cfg, batches_for_epoch, eval_fn=eval_fn, save_fn=save_fn,
-                      sample_fn=sample_fn if args.eval_prompts > 0 else None, training_args=training_args,
+                      sample_fn=sample_fn if args.eval_prompts > 0 and not fsdp else None,
+                      training_args=training_args,
                       info=info, collate_fn=collate_train)
     result = trainer.fit()
     if info.is_main:
@@ -285,7 +314,8 @@ def run(argv: list[str] | None = None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        run(argv)
+        with fail_fast_on_collective_error():  # a dead / hung rank: one clear line, exit 1, no hang
+            run(argv)
     except (SFTDataError, ResumeError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
