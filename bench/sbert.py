@@ -11,7 +11,8 @@ deprecated wrapper around it). Reported:
   * training pairs/s: pairs / seconds of the training loop (ours: the epoch loops of sbert.train, without the
     per-epoch valid evaluation and checkpoint writes; ST: the trainer's train_runtime, without evaluation or
     saving configured);
-  * encode sentences/s: `encode` of the 3,200 texts of the training CSV (both columns), batch 32, best of N;
+  * encode sentences/s: `encode` of the 3,200 texts of the training CSV (both columns), batch 32, best of N
+    repeats, ours and ST interleaved;
   * test MSE / Pearson / recall@1 after training, both measured by sbert.evaluate on the bundled test pairs.
 """
 from __future__ import annotations
@@ -59,21 +60,24 @@ def train_reference(base, fit_df, epochs: int, out_dir: str):
     return model, float(output.metrics["train_runtime"])
 
 
-def encode_speed(encode, texts: list[str], repeats: int) -> float:
-    """Best-of-`repeats` sentences/s of `encode(texts)`."""
-    encode(texts[:64])  # warm-up
-    best = float("inf")
+def encode_speeds(encoders: dict, texts: list[str], repeats: int) -> dict[str, float]:
+    """Best-of-`repeats` sentences/s of each `encode(texts)`, the sides interleaved so both see the same load."""
+    for encode in encoders.values():
+        encode(texts[:64])  # warm-up
+    best = {name: float("inf") for name in encoders}
     for _ in range(repeats):
-        t = time.perf_counter()
-        encode(texts)
-        best = min(best, time.perf_counter() - t)
-    return len(texts) / best
+        for name, encode in encoders.items():
+            t = time.perf_counter()
+            encode(texts)
+            best[name] = min(best[name], time.perf_counter() - t)
+    return {name: len(texts) / seconds for name, seconds in best.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.sbert", description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=2, help="training epochs for both (default: %(default)s)")
     parser.add_argument("--encode-repeats", type=int, default=3)
+    parser.add_argument("--encode-only", action="store_true", help="measure encoding speed only (~2 min)")
     args = parser.parse_args(argv)
     from sentence_transformers import SentenceTransformer
 
@@ -93,10 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     a = ours_enc.encode(texts[:200], batch_size=32)
     b = ref_enc.encode(texts[:200], batch_size=32, convert_to_numpy=True, show_progress_bar=False)
     cos = float(np.min(np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)))
-    ref_sps = encode_speed(lambda t: ref_enc.encode(t, batch_size=32, show_progress_bar=False), texts,
-                           args.encode_repeats)
-    ours_sps = encode_speed(lambda t: ours_enc.encode(t, batch_size=32), texts, args.encode_repeats)
+    speeds = encode_speeds({"st": lambda t: ref_enc.encode(t, batch_size=32, show_progress_bar=False),
+                            "ours": lambda t: ours_enc.encode(t, batch_size=32)}, texts, args.encode_repeats)
+    ours_sps, ref_sps = speeds["ours"], speeds["st"]
     del ours_enc, ref_enc
+    print(f"encode   sentences/s  ours {ours_sps:8.1f}   ST {ref_sps:8.1f}   ratio {ours_sps / ref_sps:5.2f}x")
+    if args.encode_only:
+        return 0
 
     # --- training ------------------------------------------------------------------------------------------
     with tempfile.TemporaryDirectory() as tmp:
