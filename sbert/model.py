@@ -185,8 +185,8 @@ class SentenceEncoder(nn.Module):
         types = features.get("token_type_ids")
         h = self.encoder(features["input_ids"].to(device), mask,
                          None if types is None else types.to(device))  # (B, T, H)
-        m = mask.unsqueeze(-1).to(h.dtype)  # (B, T, 1)
-        u = (h * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)  # (B, H)
+        m = mask.unsqueeze(1).to(h.dtype)  # (B, 1, T)
+        u = torch.bmm(m, h).squeeze(1) / m.sum(dim=2).clamp(min=1e-9)  # masked sum as one GEMM: (B, H)
         if self.normalize if normalize is None else normalize:
             u = F.normalize(u, p=2, dim=-1)
         return u
