@@ -2,9 +2,10 @@
 
     y = x Wᵀ + b  [-> act(y)]  [-> y + residual]       x (..., K), W (N, K) packed once, re-packed when it changes
 
-Why: PyTorch's eager `F.linear` on CPU calls MKL sgemm, which on this project's AMD EPYC hosts takes 1.2–2.0×
-as long as oneDNN's packed GEMM on MiniLM's q/k/v and feed-forward shapes (`python -m bench.sbert_linear`);
-oneDNN also fuses the GELU / residual add into the GEMM's epilogue, saving passes over the activations. Results equal `F.linear` up to fp32 summation
+Why: PyTorch's eager `F.linear` on CPU calls MKL sgemm, which on this project's AMD EPYC host takes ~1.1× as long
+as oneDNN's packed GEMM on MiniLM's shapes when the machine is idle and up to ~2× when the cores are shared
+(`python -m bench.sbert_linear`); oneDNN also fuses the GELU / residual add into the GEMM's epilogue, saving
+passes over the activations. Results equal `F.linear` up to fp32 summation
 order (~1e-6 relative).
 
 Used only when no gradient is recorded (`torch.no_grad` / `torch.inference_mode`), the module is in eval mode,
