@@ -181,6 +181,11 @@ def test_bundled_default_cli_smoke(tmp_path):
     args = json.loads((tmp_path / "last" / "training_args.json").read_text())
     assert args["lora_r"] == 16 and args["lora_alpha"] == 32  # the tiny default's own LoRA settings
     assert bundled_data_path().is_file()
+    # --original-lora reuses the cached base and writes the original's adapter config (PEFT field names)
+    run(TINY + ["--output-dir", str(tmp_path), "--max-steps", "1", "--original-lora", "--lora-r", "8"])
+    cfg = json.loads((tmp_path / "best" / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"]) == (8, 16, 0.05)
+    assert cfg["init_lora_weights"] == "gaussian" and cfg["target_modules"] == ["query_key_value"]
 
 
 def test_accumulation_weighs_every_token_alike():

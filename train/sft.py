@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lora-r", type=int, help=f"default {ORIGINAL.lora_r} ({TINY_DEMO.lora_r} for the tiny default)")
     a("--lora-alpha", type=float, help=f"default {ORIGINAL.lora_alpha} ({TINY_DEMO.lora_alpha} tiny default)")
     a("--lora-dropout", type=float, default=0.05)
+    a("--lora-init", choices=["kaiming", "gaussian"], default=None,
+      help="init of lora_A: kaiming (PEFT's default, ours) or gaussian (the original's); default kaiming")
+    a("--original-lora", action="store_true",
+      help="the original Oh-LoRA adapter: r=128, alpha=16, dropout 0.05, gaussian init, query_key_value only "
+           "(explicit --lora-* flags still win)")
     a("--lora-targets", nargs="+", help="Linear names (suffixes); default all four GPT-NeoX ones; "
                                          "'query_key_value' = the original")
     a("--lr", type=float, help=f"peak lr, default {ORIGINAL.lr} ({TINY_DEMO.lr} for the tiny default)")
@@ -142,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     d = TINY_DEMO if args.model is None else ORIGINAL
+    if args.original_lora:  # LoRAConfig.original_ohlora(): fill only what the user did not set
+        from lora import LoRAConfig
+        o = LoRAConfig.original_ohlora()
+        args.lora_r = args.lora_r or o.r
+        args.lora_alpha = args.lora_alpha or o.alpha
+        args.lora_targets = args.lora_targets or list(o.target_modules)
+        args.lora_init = args.lora_init or "gaussian"
     for name in ("lora_r", "lora_alpha", "lr", "epochs", "batch_size", "max_length", "warmup_ratio",
                  "lora_targets"):
         if getattr(args, name) is None:
@@ -190,7 +202,8 @@ def run(argv: list[str] | None = None) -> dict:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     from lora import LoRAConfig, inject_lora, save_adapter
     lora_cfg = LoRAConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                          target_modules=list(args.lora_targets))
+                          target_modules=list(args.lora_targets),
+                          init="gaussian" if args.lora_init == "gaussian" else True)
     fsdp = args.fsdp and info.enabled
     if args.fsdp and not info.enabled and info.is_main:
         print("note: --fsdp needs several processes (torchrun --nproc-per-node N); running one plain process",
