@@ -17,11 +17,12 @@ import json
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+
+from train.checkpoint import atomic_write_text
 
 DEFAULT_THRESHOLD = 0.6
 DEFAULT_MODEL_DIR = Path("runs/sbert/best")  # what `python -m sbert.train` writes
@@ -140,15 +141,7 @@ class MemoryStore:
             raise ValueError("MemoryStore.save: no path given and the store was not loaded from a file")
         text = (json.dumps(self._items, ensure_ascii=False, indent=2) + "\n" if path.suffix.lower() == ".json"
                 else "".join(f"{item}\n" for item in self._items))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, text)
         self.path = path
         return path
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,6 +30,7 @@ from torch import Tensor, nn
 
 from sbert.encoder import BertEncoder, EncoderLoadError, load_encoder, save_encoder_weights
 from sbert.tokenizer import SentenceTokenizer
+from train.checkpoint import atomic_write_dir
 
 MODULE_KINDS = ("Transformer", "Pooling", "Normalize")
 LEGACY_TYPES = {k: f"sentence_transformers.models.{k}" for k in MODULE_KINDS}
@@ -72,23 +71,6 @@ def _check_mean_pooling(path: Path) -> None:
         modes = ["mean" if m == "pooling_mode_mean_tokens" else m for m in modes]
     if modes != ["mean"]:
         raise SentenceModelError(f"{path}: pooling mode {modes} is not supported (only mean pooling)")
-
-
-def _atomic_dir(path: Path, write: Callable[[Path], None]) -> None:
-    """Fill a temporary sibling folder, then swap it in: `path` is the old or the complete new folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = path.with_name(f".{path.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -251,7 +233,7 @@ class SentenceEncoder(nn.Module):
             _write_json(tmp / "config_sentence_transformers.json",
                         {"prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine"})
 
-        _atomic_dir(folder, write)
+        atomic_write_dir(folder, write)
         return folder
 
 
