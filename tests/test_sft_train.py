@@ -23,13 +23,7 @@ TINY = ["--default-layers", "2", "--default-hidden", "64", "--default-vocab", "4
         "--default-pretrain-epochs", "1", "--no-progress", "--eval-prompts", "0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster, and immune to a busy machine's oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
