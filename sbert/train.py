@@ -27,7 +27,6 @@ import argparse
 import importlib.util
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field

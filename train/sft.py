@@ -19,8 +19,6 @@ so no attention mask is passed (SDPA's causal fast path); length-bucketed batche
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from data.sft import (IGNORE_INDEX, PromptTemplate, SFTData, SFTDataError, collate, encode_pairs,
+from data.sft import (IGNORE_INDEX, PromptTemplate, SFTDataError, collate, encode_pairs,
                       length_bucketed_batches, load_sft_csv, padding_stats, perplexity)
 from train.default_model import DefaultModelSpec, build_default_base, bundled_data_path
 from train.distributed import (all_reduce_sum, fail_fast_on_collective_error, init_distributed, on_main,
