@@ -140,15 +140,20 @@ def test_encode_order_batches_duplicates_and_shapes(tiny_st6):
     assert enc.training  # encode runs in eval mode and restores the caller's mode
 
 
-def test_onednn_path_equals_plain_path(minilm_encoder):
+def encode_without_onednn(model, texts):
+    """encode() on the plain F.linear path (the reference the oneDNN fast path must equal)."""
     from sbert import kernels
 
-    fast = minilm_encoder.encode(SBERT_TEXTS)
     kernels.ONEDNN.enabled = False
     try:
-        plain = minilm_encoder.encode(SBERT_TEXTS)
+        return model.encode(texts)
     finally:
         kernels.ONEDNN.enabled = True
+
+
+def test_onednn_path_equals_plain_path(minilm_encoder):
+    fast = minilm_encoder.encode(SBERT_TEXTS)
+    plain = encode_without_onednn(minilm_encoder, SBERT_TEXTS)
     _assert_same(fast, plain, max_abs=2e-6, min_cos=0.999999)
     layer = minilm_encoder.encoder.encoder.layer[0].intermediate
     with torch.no_grad():  # a `.data` write bumps no version counter: the value fingerprint must catch it
@@ -162,8 +167,6 @@ def test_onednn_path_equals_plain_path(minilm_encoder):
 
 def test_encode_after_fused_adamw_step_uses_new_weights(tiny_st6):
     """torch's fused AdamW (what train/optim.py builds) updates weights without bumping their version."""
-    from sbert import kernels
-
     model = SentenceEncoder.load(tiny_st6 / "st")
     before = model.encode(TEXTS)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, fused=True)
@@ -171,11 +174,7 @@ def test_encode_after_fused_adamw_step_uses_new_weights(tiny_st6):
     model(model.tokenize(TEXTS)).sum().backward()
     opt.step()
     after = model.encode(TEXTS)
-    kernels.ONEDNN.enabled = False
-    try:
-        plain = model.encode(TEXTS)
-    finally:
-        kernels.ONEDNN.enabled = True
+    plain = encode_without_onednn(model, TEXTS)
     assert np.abs(after - before).max() > 1e-3
     assert np.abs(after - plain).max() <= 1e-5
 
