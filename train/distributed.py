@@ -18,7 +18,6 @@ DTensor (`full_tensor`, `distribute_tensor`) — plus the glue a trainer needs a
                             FSDP-sharded (DTensor) parameters and optimizer state ⇄ plain full tensors, so
                             checkpoints written by N ranks load in M ranks (or one process) and vice versa;
 * `on_main(info, fn)`       rank-0-only writes; the other ranks wait and learn whether it worked;
-* `global_mean`             exact means of eval metrics over ranks (sum and count all-reduced).
 """
 from __future__ import annotations
 
@@ -181,21 +180,6 @@ def all_reduce_sum(values: Sequence[float], device: torch.device | str = "cpu") 
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
-
-
-def global_mean(total: float, count: float, device: torch.device | str = "cpu") -> tuple[float, float]:
-    """(Σ_ranks total / Σ_ranks count, Σ_ranks count): an eval metric averaged exactly over all ranks' items."""
-    total, count = all_reduce_sum([total, count], device)
-    return total / max(count, 1e-12), count
-
-
-def broadcast_object(obj: T, src: int = 0) -> T:
-    """`obj` from rank `src` on every rank (pickled; small objects only)."""
-    if not is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def gather_objects(obj: T) -> list[T]:
