@@ -14,8 +14,8 @@ embedding, which is a row gather), so tokens/s <= memory bandwidth / weight byte
 with a large bf16 tensor copy (bytes read + bytes written per second). Only ratios within one run count: the
 CPU differs from day to day.
 
-Our model is timed twice: with plain `nn.Linear` layers, and after `train.packed_linear.pack_linears` (oneDNN
-pre-packed weights, bitwise equal in bf16), which is what `python -m train.chat` runs. The three timings are
+Our model is timed twice: with plain `nn.Linear` layers, and after `core.onednn.pack_linears` (oneDNN
+pre-packed weights, bitwise equal in bf16), which is what `python -m chat` runs. The three timings are
 interleaved repeat by repeat (best of `--repeats` each), so a change of load on a shared machine hits all alike. `speedup_vs_hf` is the
 packed path; `plain_speedup_vs_hf` the other.
 
@@ -32,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from train.packed_linear import pack_linears  # noqa: E402
+from core.onednn import pack_linears  # noqa: E402
 from train.sampler import SamplingConfig, generate_ids  # noqa: E402
 
 
@@ -142,7 +142,7 @@ def run(new_tokens: int = 80, prompt_len: int = 32, repeats: int = 2, num_layers
 
     # A second model on the same dense tensors, packed (new oneDNN copies; the dense ones stay for the others).
     packed = _shared_copy(ours)
-    n_packed = pack_linears(packed)          # what train.chat does after merging the adapter
+    n_packed = pack_linears(packed)          # what python -m chat does after merging the adapter
     timers = {"plain": (time_ours, ours), "packed": (time_ours, packed)}
     if with_hf:
         timers["hf"] = (time_hf, hf)

@@ -1,4 +1,4 @@
-"""Why sbert's CPU inference uses oneDNN packed linears: eager `F.linear` (MKL) vs `sbert.kernels.PackedLinear`.
+"""Why sbert's CPU inference uses oneDNN packed linears: eager `F.linear` (MKL) vs `core.onednn.PackedLinear`.
 
     flock /tmp/ohlora-heavy.lock python -m bench.sbert_linear [--repeats 5]
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sbert.kernels import ONEDNN, PackedLinear
+from core.onednn import PackedLinear, packing_available
 
 ROWS, HIDDEN, INTER = 32 * 40, 384, 1536
 CASES = [("qkv  384->1152", HIDDEN, 3 * HIDDEN, ""), ("out  384->384 +res", HIDDEN, HIDDEN, "res"),
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if not ONEDNN.available():
+    if not packing_available():
         print("oneDNN packed linear ops are not available in this torch build: nothing to compare")
         return 0
     torch.manual_seed(0)

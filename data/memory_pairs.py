@@ -20,11 +20,12 @@ import argparse
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+
+from core.atomic import atomic_write_file
 
 COLUMNS = ("memory_0", "user_prompt_1", "similarity_score")
 # Keys that name the same topic; the left one is scored as the right one.
@@ -100,17 +101,7 @@ def build_pairs(lines: list[MemoryLine]) -> pd.DataFrame:
 
 def write_csv_atomic(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write `df` as UTF-8 CSV via a temp file + os.replace (never a half-written CSV)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        df.to_csv(tmp, index=False, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_file(path, lambda tmp: df.to_csv(tmp, index=False, encoding="utf-8"))
 
 
 def generate(combs_path: str | os.PathLike, out_csv: str | os.PathLike) -> pd.DataFrame:

@@ -15,12 +15,14 @@
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from core.kv_cache import KVCache
+from core.masks import attention_mask_for_sdpa
+from core.rotary import RotaryEmbedding, apply_rotary
 
 from .config import GPTNeoXConfig
 
@@ -36,84 +38,6 @@ def activation(name: str):
     if name == "silu":
         return F.silu
     raise ValueError(f"unsupported hidden_act {name!r}")
-
-
-class KVCache:
-    """Keys/values of every layer for incremental decoding, filled in place by the model's forward.
-
-    Layout per layer: (B, num_heads, capacity, head_dim); the first `length` positions are valid. Buffers are
-    preallocated and grown in chunks of `chunk` positions, so a decode step writes one slot per layer instead of
-    re-concatenating the whole history (cat would copy O(length) per step and allocate every step).
-    """
-
-    def __init__(self, num_layers: int, chunk: int = 256):
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
-        self.values: list[torch.Tensor | None] = [None] * num_layers
-        self.length = 0  # positions already cached (advanced by the model after its last layer)
-        self.chunk = chunk
-
-    def __len__(self) -> int:
-        return self.length
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, nh, T, hd) after the cached positions; return all keys/values (B, nh, length+T, hd)."""
-        start, end = self.length, self.length + k.shape[2]
-        buf_k, buf_v = self.keys[layer], self.values[layer]
-        if buf_k is None or buf_k.shape[2] < end or buf_k.shape[0] != k.shape[0] or buf_k.dtype != k.dtype:
-            if buf_k is not None and buf_k.shape[0] != k.shape[0]:
-                raise ValueError(f"KVCache holds batch size {buf_k.shape[0]}, got {k.shape[0]} new rows")
-            capacity = math.ceil(end / self.chunk) * self.chunk
-            new_k = k.new_empty(k.shape[0], k.shape[1], capacity, k.shape[3])
-            new_v = torch.empty_like(new_k)
-            if buf_k is not None and start:
-                new_k[:, :, :start] = buf_k[:, :, :start]
-                new_v[:, :, :start] = buf_v[:, :, :start]
-            self.keys[layer], self.values[layer] = buf_k, buf_v = new_k, new_v
-        buf_k[:, :, start:end] = k
-        buf_v[:, :, start:end] = v
-        return buf_k[:, :, :end], buf_v[:, :, :end]
-
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only batch rows `rows` (e.g. drop finished sequences, or reorder for beam search)."""
-        for i, (k, v) in enumerate(zip(self.keys, self.values)):
-            if k is not None:
-                self.keys[i], self.values[i] = k.index_select(0, rows), v.index_select(0, rows)
-
-
-class RotaryEmbedding(nn.Module):
-    """cos/sin tables for rotary position embedding (GPT-NeoX "rotate_half" style, not interleaved).
-
-    No buffers: the fp32 table is built lazily on the device of the positions and grown on demand, so a model
-    built on the meta device needs no buffer fix-up, and HF's numerics are kept (fp32 angles, cast to the
-    activation dtype as HF does).
-    """
-
-    def __init__(self, dim: int, base: float, max_positions: int):
-        super().__init__()
-        self.dim, self.base, self.max_positions = dim, float(base), max_positions
-        self._cos: torch.Tensor | None = None  # (P, dim) fp32
-        self._sin: torch.Tensor | None = None
-
-    def _build(self, n: int, device: torch.device) -> None:
-        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float, device=device) / self.dim))
-        freqs = torch.arange(n, device=device).float()[:, None] * inv_freq  # (n, dim/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (n, dim)
-        self._cos, self._sin = emb.cos(), emb.sin()
-
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids (B, T) -> cos, sin (B, T, 1, 1, dim) in `dtype` (broadcast over heads and q/k)."""
-        needed = int(position_ids.max()) + 1 if position_ids.numel() else 1
-        if self._cos is None or self._cos.device != position_ids.device or self._cos.shape[0] < needed:
-            self._build(max(needed, self.max_positions), position_ids.device)
-        cos = F.embedding(position_ids, self._cos).to(dtype)
-        sin = F.embedding(position_ids, self._sin).to(dtype)
-        return cos[:, :, None, None, :], sin[:, :, None, None, :]
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin, with rotate_half(x) = cat(-x2, x1) over the two halves of x's last dim."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class GPTNeoXAttention(nn.Module):
@@ -168,28 +92,6 @@ class GPTNeoXLayer(nn.Module):
             return self.mlp(self.post_attention_layernorm(x)) + a + x
         x = a + x
         return self.mlp(self.post_attention_layernorm(x)) + x
-
-
-def attention_mask_for_sdpa(attention_mask: torch.Tensor | None, T: int, past: int, device: torch.device
-                            ) -> tuple[torch.Tensor | None, bool]:
-    """Return (mask, is_causal) for F.scaled_dot_product_attention; mask is bool (B|1, 1, T, past+T), True = attend.
-
-    Without padding the cheap forms are used (is_causal for a fresh prompt, no mask for one new token).
-    With padding every query may also attend to its own position, so the rows of left-padding queries (which
-    see no real key) stay finite instead of NaN; those rows are padding and their outputs are ignored.
-    """
-    padded = attention_mask is not None and not bool(attention_mask.all())
-    if not padded and T == 1:
-        return None, False
-    if not padded and past == 0:
-        return None, True
-    q_pos = torch.arange(past, past + T, device=device)
-    k_pos = torch.arange(past + T, device=device)
-    causal = k_pos[None, :] <= q_pos[:, None]  # (T, S)
-    if not padded:
-        return causal[None, None], False
-    mask = causal[None, None] & attention_mask[:, None, None, :].bool()  # (B, 1, T, S)
-    return mask | (k_pos[None, :] == q_pos[:, None])[None, None], False
 
 
 class GPTNeoXModel(nn.Module):

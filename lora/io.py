@@ -21,6 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from core.atomic import atomic_write_file
+
 from .config import LoRAConfig
 from .inject import inject_lora, lora_layers, plan_injection, unwrap
 
@@ -57,15 +59,6 @@ BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "mica")
 
 class AdapterError(ValueError):
     """An adapter folder that cannot be loaded correctly; the message names the file and the problem."""
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)           # atomic: readers see the old file or the whole new one
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def adapter_config_dict(config: LoRAConfig, base_model_name_or_path: str | None = None) -> dict[str, Any]:
@@ -108,9 +101,9 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or
         raise ValueError(f"save_adapter: {type(model).__name__} has no LoRA layers to save")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write_file(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     text = json.dumps(adapter_config_dict(config, base_model_name_or_path), indent=2, ensure_ascii=False) + "\n"
-    _atomic_write(folder / CONFIG_NAME, lambda p: p.write_text(text, encoding="utf-8"))
+    atomic_write_file(folder / CONFIG_NAME, lambda p: p.write_text(text, encoding="utf-8"))
     return folder
 
 

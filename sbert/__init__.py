@@ -1,7 +1,8 @@
-"""S-BERT memory: a hand-written BERT/RoBERTa sentence encoder (sentence-transformers folder format) and the
-chatbot's `[key: value]` memory store. Imports nothing from gptneox/, lora/ or train/.
+"""S-BERT: a hand-written BERT/RoBERTa/XLM-R sentence encoder (sentence-transformers folder format), its siamese
+training (`python -m sbert.train`, on train/'s loop and helpers) and evaluation. The memory store that uses it
+is the app layer's (chat/memory.py).
 
-Names are resolved lazily (PEP 562) so `python -m sbert.memory` does not import its own module twice.
+Names are resolved lazily (PEP 562) so `python -m sbert.train` does not import its own module twice.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ _EXPORTS = {
     "EncoderConfig": "sbert.encoder", "BertEncoder": "sbert.encoder", "EncoderLoadError": "sbert.encoder",
     "load_encoder": "sbert.encoder",
     "SentenceEncoder": "sbert.model", "SentenceModelError": "sbert.model",
-    "MemoryStore": "sbert.memory", "extract_memory_items": "sbert.memory", "strip_memory_items": "sbert.memory",
 }
 __all__ = list(_EXPORTS)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -25,15 +26,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sbert.kernels import FUSED_ACTIVATIONS, PackedLinear, plain_linear, use_fast_path
+from core.safetensors_io import CheckpointError, SafetensorsFile, match_keys, read_state, weight_files
+from core.onednn import FUSED_ACTIVATIONS, PackCache, invalidate_packs, plain_linear, use_fast_path
 
-SUPPORTED_MODEL_TYPES = ("bert", "roberta")
+SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
+ROBERTA_TYPES = ("roberta", "xlm-roberta")  # XLM-R is RoBERTa's architecture: same positions, pad id 1
+HF_ARCHITECTURES = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel"}
 # Keys a checkpoint may hold that are not weights of the encoder we build: buffers and pre-training heads.
-IGNORED_KEY_SUFFIXES = ("embeddings.position_ids", "embeddings.token_type_ids")
-IGNORED_KEY_PREFIXES = ("cls.", "lm_head.", "classifier.", "qa_outputs.")
+IGNORED_KEY = re.compile(r"(^embeddings\.(position_ids|token_type_ids)$)|^(cls|lm_head|classifier|qa_outputs)\.")
 
 
-class EncoderLoadError(ValueError):
+class EncoderLoadError(CheckpointError):
     """A model folder that cannot be loaded: the message names the file and the problem."""
 
 
@@ -62,7 +65,7 @@ class EncoderConfig:
     @property
     def max_positions(self) -> int:
         """Longest input the position table allows (RoBERTa spends padding_idx + 1 rows on offsets)."""
-        if self.model_type == "roberta":
+        if self.model_type in ROBERTA_TYPES:
             return self.max_position_embeddings - self.pad_token_id - 1
         return self.max_position_embeddings
 
@@ -77,7 +80,7 @@ class EncoderConfig:
                                    "supported (only 'absolute')")
         names = {f.name for f in fields(cls)} - {"extra"}
         kwargs = {k: d[k] for k in names if k in d and d[k] is not None}
-        if "pad_token_id" not in kwargs and model_type == "roberta":
+        if "pad_token_id" not in kwargs and model_type in ROBERTA_TYPES:
             kwargs["pad_token_id"] = 1
         config = cls(**kwargs, extra={k: v for k, v in d.items() if k not in names})
         if config.hidden_size % config.num_attention_heads:
@@ -102,7 +105,7 @@ class EncoderConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         d = dict(self.extra)
         d.update({k: v for k, v in asdict(self).items() if k != "extra"})
-        d["architectures"] = ["RobertaModel" if self.model_type == "roberta" else "BertModel"]
+        d["architectures"] = [HF_ARCHITECTURES[self.model_type]]
         return d
 
 
@@ -126,7 +129,7 @@ class Embeddings(nn.Module):
 
     def position_ids(self, input_ids: Tensor) -> Tensor:
         B, T = input_ids.shape
-        if self.config.model_type == "roberta":  # count real tokens only; pads sit at padding_idx
+        if self.config.model_type in ROBERTA_TYPES:  # count real tokens only; pads sit at padding_idx
             pad = self.config.pad_token_id
             not_pad = input_ids.ne(pad).int()
             return (torch.cumsum(not_pad, dim=1) * not_pad).long() + pad
@@ -152,12 +155,12 @@ class SelfAttention(nn.Module):
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
-        self.packed_qkv = PackedLinear(self.query, self.key, self.value)  # inference-only packed copy
+        self.packed_qkv = PackCache()  # inference-only packed copy of the stacked q, k, v weights
 
     def forward(self, x: Tensor, attn_mask: Tensor | None) -> Tensor:
         B, T, H = x.shape
         # one GEMM for q, k, v (their weights stacked: (3H, H)), then (B, T, H) -> (B, nh, T, hd) each
-        qkv = (self.packed_qkv(x) if use_fast_path(self, x)
+        qkv = (self.packed_qkv((self.query, self.key, self.value), x) if use_fast_path(self, x)
                else plain_linear((self.query, self.key, self.value), x))  # (B, T, 3H)
         q, k, v = (t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for t in qkv.split(H, dim=-1))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
@@ -173,11 +176,11 @@ class Dense(nn.Module):
         self.dense = nn.Linear(d_in, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.packed = PackedLinear(self.dense)
+        self.packed = PackCache()
 
     def forward(self, h: Tensor, residual: Tensor) -> Tensor:
         if use_fast_path(self, h):
-            return self.LayerNorm(self.packed(h, residual=residual))  # residual add fused into the GEMM
+            return self.LayerNorm(self.packed((self.dense,), h, residual=residual))  # residual add fused into the GEMM
         return self.LayerNorm(self.dropout(self.dense(h)) + residual)
 
 
@@ -196,13 +199,13 @@ class Intermediate(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
         self.act_name, self.act = config.hidden_act, ACTIVATIONS[config.hidden_act]
-        self.packed = PackedLinear(self.dense)
+        self.packed = PackCache()
 
     def forward(self, x: Tensor) -> Tensor:
         if use_fast_path(self, x):
             if self.act_name in FUSED_ACTIVATIONS:
-                return self.packed(x, act=self.act_name)  # GELU fused into the GEMM
-            return self.act(self.packed(x))
+                return self.packed((self.dense,), x, act=self.act_name)  # GELU fused into the GEMM
+            return self.act(self.packed((self.dense,), x))
         return self.act(self.dense(x))
 
 
@@ -243,6 +246,13 @@ class BertEncoder(nn.Module):
         self.pooler = Pooler(config) if with_pooler else None
         if self.pooler is not None:
             self.pooler.requires_grad_(False)  # unused by mean pooling: keep it out of the optimizer
+        # new weights -> drop the packed copies (optimizer steps: core.onednn.invalidate_on_step)
+        self.register_load_state_dict_post_hook(lambda module, _keys: invalidate_packs(module))
+
+    def _apply(self, fn, recurse=True):  # .to() / .half() / .to_empty() replace the weights
+        result = super()._apply(fn, recurse)
+        invalidate_packs(self)
+        return result
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None) -> Tensor:
@@ -258,37 +268,6 @@ class BertEncoder(nn.Module):
         return x
 
 
-def _read_state_dict(folder: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
-    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
-    if single.is_file():
-        return load_file(str(single))
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise EncoderLoadError(f"{index}: not a valid safetensors index ({e})") from None
-        state: dict[str, Tensor] = {}
-        for shard in shards:
-            if not (folder / shard).is_file():
-                raise EncoderLoadError(f"{index}: shard {shard} is missing")
-            state.update(load_file(str(folder / shard)))
-        return state
-    if (folder / "pytorch_model.bin").is_file():
-        raise EncoderLoadError(f"{folder}: only pytorch_model.bin found; pickled weights are not loaded — convert it "
-                               "to model.safetensors (e.g. save_pretrained(..., safe_serialization=True))")
-    raise EncoderLoadError(f"{folder}: no model.safetensors found")
-
-
-def _strip_prefix(state: dict[str, Tensor], model_type: str) -> dict[str, Tensor]:
-    """Map `bert.`/`roberta.`-prefixed keys (…ForMaskedLM checkpoints) to the bare BertModel names."""
-    prefix = f"{model_type}."
-    if any(k.startswith(prefix) for k in state):
-        return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
-    return state
-
-
 def load_encoder(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu") -> BertEncoder:
     """Load a HF BERT/RoBERTa folder (config.json + model.safetensors) into a `BertEncoder` in eval mode."""
@@ -296,24 +275,20 @@ def load_encoder(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
     if not folder.is_dir():
         raise EncoderLoadError(f"{folder}: model folder not found")
     config = EncoderConfig.from_json(folder / "config.json")
-    state = _strip_prefix(_read_state_dict(folder), config.model_type)
-    state = {k: v for k, v in state.items()
-             if not k.endswith(IGNORED_KEY_SUFFIXES) and not k.startswith(IGNORED_KEY_PREFIXES)}
-    with_pooler = "pooler.dense.weight" in state
-    with torch.device("meta"):
-        model = BertEncoder(config, with_pooler=with_pooler)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise EncoderLoadError(f"{folder}/model.safetensors: keys do not match a {config.model_type} encoder "
-                               f"(missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
-                               f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''})")
-    for name, tensor in expected.items():
-        if tuple(state[name].shape) != tuple(tensor.shape):
-            raise EncoderLoadError(f"{folder}/model.safetensors: {name} has shape {tuple(state[name].shape)}, "
-                                   f"config.json implies {tuple(tensor.shape)}")
-    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+    # …ForMaskedLM checkpoints prefix the encoder keys with the base model's name (`bert.` / `roberta.`)
+    prefix = "bert." if config.model_type == "bert" else "roberta."
+    rename = lambda key: key.removeprefix(prefix)  # noqa: E731
+    try:
+        files = [SafetensorsFile(path) for path in weight_files(folder)]
+        with_pooler = any(rename(k) == "pooler.dense.weight" for f in files for k in f.keys())
+        with torch.device("meta"):
+            model = BertEncoder(config, with_pooler=with_pooler)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        found = match_keys(files, expected, folder, ignored=IGNORED_KEY, rename=rename)
+        state = read_state(found, None, device)
+    except (CheckpointError, FileNotFoundError) as e:
+        raise EncoderLoadError(str(e)) from None
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 

@@ -19,12 +19,13 @@ import json
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import numpy as np
 import pandas as pd
+
+from core.atomic import atomic_write_file
 
 PAIR_COLUMNS = ("memory_0", "user_prompt_1", "similarity_score")
 METRIC_NAMES = ("mse", "mae", "pearson", "spearman", "recall_at_1")
@@ -183,15 +184,8 @@ def plot_scatter(predicted: Sequence[float], true: Sequence[float], png_path: st
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{png_path.name}.", suffix=".tmp", dir=png_path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, png_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write_file(png_path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     finally:
         plt.close(fig)
     return png_path

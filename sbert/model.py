@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from sbert.encoder import BertEncoder, EncoderLoadError, load_encoder, save_encoder_weights
 from sbert.tokenizer import SentenceTokenizer
-from train.checkpoint import atomic_write_dir
+from core.atomic import atomic_write_dir
 
 MODULE_KINDS = ("Transformer", "Pooling", "Normalize")
 LEGACY_TYPES = {k: f"sentence_transformers.models.{k}" for k in MODULE_KINDS}

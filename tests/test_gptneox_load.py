@@ -7,7 +7,7 @@ from neox_fixtures import save_tiny_hf_neox
 from safetensors.torch import load_file, save_file
 
 from gptneox import CheckpointError, ConfigError, GPTNeoXConfig, GPTNeoXForCausalLM, load_model, save_pretrained
-from gptneox.load import parse_size
+from core.safetensors_io import parse_size
 
 
 @pytest.fixture(scope="module")

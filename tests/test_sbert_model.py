@@ -142,13 +142,13 @@ def test_encode_order_batches_duplicates_and_shapes(tiny_st6):
 
 def encode_without_onednn(model, texts):
     """encode() on the plain F.linear path (the reference the oneDNN fast path must equal)."""
-    from sbert import kernels
+    from core.onednn import FAST_PATH
 
-    kernels.ONEDNN.enabled = False
+    FAST_PATH.enabled = False
     try:
         return model.encode(texts)
     finally:
-        kernels.ONEDNN.enabled = True
+        FAST_PATH.enabled = True
 
 
 def test_onednn_path_equals_plain_path(minilm_encoder):
@@ -156,20 +156,31 @@ def test_onednn_path_equals_plain_path(minilm_encoder):
     plain = encode_without_onednn(minilm_encoder, SBERT_TEXTS)
     _assert_same(fast, plain, max_abs=2e-6, min_cos=0.999999)
     layer = minilm_encoder.encoder.encoder.layer[0].intermediate
-    with torch.no_grad():  # a `.data` write bumps no version counter: the value fingerprint must catch it
+    from core.onednn import invalidate_packs, packing_available
+    was_training = minilm_encoder.training
+    minilm_encoder.eval()
+    with torch.no_grad():  # a hand-made weight change: the pack is stale until invalidated, then current
+        x = torch.randn(2, 3, 384)
+        layer(x)
         layer.dense.weight.data.mul_(0.5)
         try:
-            x = torch.randn(2, 3, 384)
+            if packing_available():  # proves the pack is a cache that only an explicit invalidation refreshes
+                assert not torch.allclose(layer(x), torch.nn.functional.gelu(layer.dense(x)), atol=1e-3)
+            invalidate_packs(minilm_encoder)
             assert torch.allclose(layer(x), torch.nn.functional.gelu(layer.dense(x)), atol=1e-5)
         finally:
             layer.dense.weight.data.mul_(2.0)
+            invalidate_packs(minilm_encoder)
+            minilm_encoder.train(was_training)
 
 
 def test_encode_after_fused_adamw_step_uses_new_weights(tiny_st6):
-    """torch's fused AdamW (what train/optim.py builds) updates weights without bumping their version."""
+    """torch's fused AdamW (what train/optim.py builds): the step hook drops the stale packs."""
+    from core.onednn import invalidate_on_step
     model = SentenceEncoder.load(tiny_st6 / "st")
     before = model.encode(TEXTS)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, fused=True)
+    invalidate_on_step(opt, model)
     model.train()
     model(model.tokenize(TEXTS)).sum().backward()
     opt.step()

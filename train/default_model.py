@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from data.sft import PromptTemplate, load_sft_csv
-from train.checkpoint import atomic_write_dir
+from core.atomic import atomic_write_dir
 
 FINGERPRINT_FILE = "ohlora_default.json"
 SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>")

@@ -32,14 +32,18 @@ def build_fsdp_lora_model(model_dir: str | os.PathLike, dtype: torch.dtype, lora
     Same weights as `load_model(model_dir, dtype)` + `torch.manual_seed(seed)` + `inject_lora(model, config)`.
     """
     from gptneox.config import GPTNeoXConfig
-    from gptneox.load import IGNORED_KEY, KEY_ALIASES, CheckpointError, weight_files
+    from core.safetensors_io import CheckpointError, SafetensorsFile, match_keys, weight_files
+    from gptneox.load import IGNORED_KEY, KEY_ALIASES, expected_shapes
     from gptneox.model import GPTNeoXForCausalLM
     from lora import inject_lora
     from lora.inject import lora_layers, plan_injection
 
     model_dir = Path(model_dir)
     config = GPTNeoXConfig.from_json(model_dir / "config.json")
-    files = weight_files(model_dir)
+    # the one strict key/shape check, from the headers, before anything is allocated
+    optional = {"embed_out.weight"} if config.tie_word_embeddings else set()
+    found = match_keys([SafetensorsFile(p) for p in weight_files(model_dir)], expected_shapes(config), model_dir,
+                       aliases=KEY_ALIASES, ignored=IGNORED_KEY, optional=optional)
     with torch.device("meta"):
         model = GPTNeoXForCausalLM(config).to(dtype)
     model.eval()  # as load_model returns it; the trainer switches to train()
@@ -63,29 +67,16 @@ def build_fsdp_lora_model(model_dir: str | os.PathLike, dtype: torch.dtype, lora
 
     # 3) fill the shards: checkpoint tensors one at a time, then the adapter's initial values
     params = dict(model.named_parameters())
-    loaded: set[str] = set()
-    for path in files:
+    for path in dict.fromkeys(f.path for f, _ in found.values()):
         with safe_open(str(path), framework="pt") as f:
-            for file_key in f.keys():
-                key = KEY_ALIASES.get(file_key, file_key)
-                if IGNORED_KEY.search(key):
-                    continue
-                if key not in params and key == "embed_out.weight" and config.tie_word_embeddings:
-                    continue  # the tied output projection is embed_in's weight
-                if key not in params:
-                    raise CheckpointError(f"{path}: unexpected tensor {file_key!r} for this config.json")
-                shape = tuple(f.get_slice(file_key).get_shape())
-                if shape != tuple(params[key].shape):
-                    raise CheckpointError(f"{path}: {file_key} has shape {shape}, "
-                                          f"config.json implies {tuple(params[key].shape)}")
-                _load_shard(f, file_key, params[key], info.device, dtype)
-                loaded.add(key)
+            for key, (owner, file_key) in found.items():
+                if owner.path == path and key in params:  # a tied embed_out is embed_in's Parameter
+                    _load_shard(f, file_key, params[key], info.device, dtype)
     for name, value in lora_init.items():
         load_full_tensor(params[name], value)
-        loaded.add(name)
-    missing = sorted(set(params) - loaded)
-    if missing:
-        raise CheckpointError(f"{model_dir}: checkpoint does not match config.json: missing {', '.join(missing[:8])}")
+    left = sorted(set(params) - set(found) - set(lora_init))
+    if left:  # cannot happen after match_keys; guard against silently uninitialised shards
+        raise CheckpointError(f"{model_dir}: parameters left unloaded: {', '.join(left[:8])}")
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     if trainable != sorted(lora_init):  # to("meta") / to_empty keep requires_grad; make sure of it
         raise RuntimeError("build_fsdp_lora_model: trainable parameters changed while sharding")

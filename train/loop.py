@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from train.checkpoint import atomic_write_dir, atomic_write_text
+from core.atomic import atomic_write_dir, atomic_write_text
 from train.distributed import (DistInfo, all_reduce_sum, full_optimizer_state_dict, full_trainable_params,
                                gather_objects, grad_sync, init_distributed, is_fsdp, load_full_tensor,
                                load_optimizer_state_dict, on_main, shard, trainable_state_dict, unwrap, wrap_ddp)

@@ -44,7 +44,7 @@ def plot_curves(records: Iterable[dict], png_path: str | os.PathLike, x: str = "
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from train.checkpoint import atomic_write_file
+    from core.atomic import atomic_write_file
 
     records = list(records)
     fig, ax = plt.subplots(figsize=(7, 4))

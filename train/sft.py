@@ -299,7 +299,7 @@ def run(argv: list[str] | None = None) -> dict:
                          template=asdict(template))
     if fsdp and args.eval_prompts > 0 and info.is_main:
         print("note: sample answers are not generated under --fsdp (the model is sharded over the ranks); "
-              "try the saved adapter with python -m train.chat", file=sys.stderr)
+              "try the saved adapter with python -m chat", file=sys.stderr)
     trainer = Trainer(loss_module, loop_cfg, batches_for_epoch, eval_fn=eval_fn, save_fn=save_fn,
                       sample_fn=sample_fn if args.eval_prompts > 0 and not fsdp else None,
                       training_args=training_args,

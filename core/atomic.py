@@ -1,7 +1,10 @@
-"""Atomic writes: a checkpoint is either the old one or the complete new one, never half-written.
+"""Atomic writes: a file or folder is either the old one or the complete new one, never half-written.
 
 Files are written to a temporary name in the same folder and renamed into place (`os.replace` is atomic on
-one file system); folders are written to a temporary sibling and swapped in.
+one file system); folders are written to a temporary sibling and swapped in. A folder swap takes two renames
+(`path -> .path.old`, then `.path.TMP.tmp -> path`); a kill between them leaves only `.path.old`, which
+`recover_dir` (run before every swap and by every reader that resumes) moves back, so a complete folder always
+exists under one of the two names.
 """
 from __future__ import annotations
 
@@ -31,11 +34,41 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def _old_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def recover_dir(path: str | os.PathLike) -> Path:
+    """Undo a swap a crash interrupted: bring `.path.old` back when `path` is missing, drop it otherwise."""
+    path = Path(path)
+    old = _old_name(path)
+    if old.is_dir():
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, path)
+    return path
+
+
+def clean_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary siblings (`.path.*.tmp`) that killed writers of `path` left; returns them.
+
+    Call it only where no other process is writing `path` (the start of a run that owns its output folder)."""
+    path = Path(path)
+    stale = sorted(path.parent.glob(f".{path.name}.*.tmp")) if path.parent.is_dir() else []
+    for tmp in stale:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+    return stale
+
+
 def atomic_write_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp_dir)` to fill a fresh folder, then swap it in place of `path`.
 
     The old folder (if any) is moved aside first and deleted only after the new one is in place, so a crash
-    leaves either the old or the new checkpoint under `path` (plus, at worst, a stale `.old`/`.tmp` sibling).
+    leaves either the old or the new folder (see `recover_dir`), plus at worst a stale `.tmp` sibling.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,8 +78,8 @@ def atomic_write_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = path.with_name(f".{path.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
+    recover_dir(path)
+    old = _old_name(path)
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)

@@ -1,4 +1,4 @@
-"""`python -m train.chat`: talk to the fine-tuned model, with an S-BERT memory of `[key: value]` items.
+"""`python -m chat`: talk to the fine-tuned model, with an S-BERT memory of `[key: value]` items.
 
 One turn:
 
@@ -10,7 +10,7 @@ One turn:
 
 Model: `--model DIR` (a GPT-NeoX HF folder with tokenizer.json) + `--adapter DIR` (PEFT LoRA), merged into the
 weights once at start-up so decoding costs the same as the base model, and on CPU the linear weights are
-pre-packed for oneDNN (`train.packed_linear`: faster batch-1 decoding, same numbers; `--no-pack` to skip).
+pre-packed for oneDNN (`core.onednn`: faster batch-1 decoding, same numbers; `--no-pack` to skip).
 With neither flag it uses what `python -m train.sft` saved: the adapter `runs/sft/best/` and its base (the
 folder the adapter names, else `runs/sft/base/`).
 
@@ -31,13 +31,14 @@ from typing import Callable
 import torch
 
 from data.sft import PromptTemplate
-from sbert.memory import MemoryStore, extract_memory_items, strip_memory_items
+from chat.memory import MemoryStore
+from sbert.bases import TRAINED_DIR
+from data.memory_items import ITEM_PATTERN, extract_memory_items, strip_memory_items
 from train.sampler import SamplingConfig, generate
 
 DEFAULT_BASE = Path("runs/sft/base")
 DEFAULT_ADAPTER = Path("runs/sft/best")
 DEFAULT_STORE = Path("runs/memory.txt")
-DEFAULT_MEMORY_MODEL = Path("runs/sbert/best")
 EXIT_WORDS = {"exit", "quit", "/exit", "/quit", "종료"}
 
 
@@ -61,7 +62,6 @@ class ItemFilter:
     whitespace is held until a visible character follows, so the pieces concatenate to exactly
     `strip_memory_items(full_text)`."""
 
-    _ITEM = re.compile(r"\[\s*[^\[\]:]+?\s*:\s*[^\[\]]*?[^\[\]\s][^\[\]]*?\s*\]")  # sbert.memory.ITEM_PATTERN
     _WORDS = re.compile(r"(\s+)")
 
     def __init__(self, write: Callable[[str], None]):
@@ -91,7 +91,7 @@ class ItemFilter:
                 self.buf = self.buf[reopen:]
             elif close >= 0:
                 candidate, self.buf = self.buf[:close + 1], self.buf[close + 1:]
-                self._text(" " if self._ITEM.fullmatch(candidate) else candidate)
+                self._text(" " if ITEM_PATTERN.fullmatch(candidate) else candidate)
             elif final:
                 self._text(self.buf)
                 self.buf = ""
@@ -127,12 +127,11 @@ class ChatSession:
         message = " ".join((message or "").split())
         if not message:
             raise ChatError("empty message: type something to say to 오로라")
-        best = self.memory.best_memory(message) if self.use_memory_search and len(self.memory) else None
-        user_text = f"{best[0]} {message}" if best else message
+        user_text, best = self.memory.recall(message) if self.use_memory_search else (message, None)
         prompt = self.template.prompt(user_text)
         item_filter = ItemFilter(stream) if stream is not None else None
         on_piece = (lambda _row, piece: item_filter.feed(piece)) if item_filter is not None else None
-        generate_fn = self.generate_fn or generate   # looked up at call time (tests patch train.chat.generate)
+        generate_fn = self.generate_fn or generate   # looked up at call time (tests patch chat.cli.generate)
         raw = generate_fn(self.model, self.tokenizer, [prompt], self.config, stream=on_piece)[0]
         if item_filter is not None:
             item_filter.close()
@@ -178,7 +177,7 @@ def load_chat_model(model_dir: Path, adapter_dir: Path | None, dtype: torch.dtyp
                     pack: bool = True):
     """(merged model in eval mode, tokenizer). The tokenizer is read from the model folder, else the adapter's.
 
-    With `pack` (CPU), linear weights are pre-packed for oneDNN (train.packed_linear): faster decoding, same
+    With `pack` (CPU), linear weights are pre-packed for oneDNN (core.onednn): faster decoding, same
     numbers (bitwise in bf16); the model is then inference-only."""
     from gptneox.load import load_model
     from gptneox.tokenizer import Tokenizer
@@ -197,7 +196,7 @@ def load_chat_model(model_dir: Path, adapter_dir: Path | None, dtype: torch.dtyp
         merge_lora(model)
     model.eval()
     if pack:
-        from train.packed_linear import pack_linears
+        from core.onednn import pack_linears
         pack_linears(model)
     return model, Tokenizer.from_folder(tok_dir)
 
@@ -207,14 +206,14 @@ def load_memory(store_path: Path, memory_model: str | Path | None, no_memory: bo
     note = None
     encoder = None
     if not no_memory:
-        folder = Path(memory_model) if memory_model is not None else DEFAULT_MEMORY_MODEL
+        folder = Path(memory_model) if memory_model is not None else TRAINED_DIR
         if folder.is_dir():
             from sbert.model import SentenceEncoder
             encoder = SentenceEncoder.load(folder)
         elif memory_model is not None:
             raise ChatError(f"{folder}: --memory-model folder not found")
         else:
-            note = (f"note: no memory model ({DEFAULT_MEMORY_MODEL} not found; run `python -m sbert.train` or pass "
+            note = (f"note: no memory model ({TRAINED_DIR} not found; run `python -m sbert.train` or pass "
                     f"--memory-model DIR): chatting without memory; new items are still saved to {store_path}")
     else:
         note = f"note: memory search off (--no-memory); new items are still saved to {store_path}"
@@ -226,10 +225,10 @@ def load_memory(store_path: Path, memory_model: str | Path | None, no_memory: bo
 # ----------------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.chat", description="Chat with the LoRA-tuned Oh-LoRA model.")
+    p = argparse.ArgumentParser(prog="python -m chat", description="Chat with the LoRA-tuned Oh-LoRA model.")
     p.add_argument("--model", help=f"GPT-NeoX HF folder (default: the base the adapter names, else {DEFAULT_BASE})")
     p.add_argument("--adapter", help=f"LoRA adapter folder (default: {DEFAULT_ADAPTER} when --model is not given)")
-    p.add_argument("--memory-model", help=f"sentence-transformers folder (default: {DEFAULT_MEMORY_MODEL} if present)")
+    p.add_argument("--memory-model", help=f"sentence-transformers folder (default: {TRAINED_DIR} if present)")
     p.add_argument("--memory-store", default=str(DEFAULT_STORE), help=f"memory items file (default {DEFAULT_STORE})")
     p.add_argument("--no-memory", action="store_true", help="do not search the memory (items are still saved)")
     p.add_argument("--once", metavar="MESSAGE", help="answer one message, print it and exit (for scripts)")

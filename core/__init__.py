@@ -1,0 +1,13 @@
+"""The one shared leaf under every package: pieces that two or more packages need, written once.
+
+    atomic          temp-name-then-rename writes of files and folders (+ crash recovery of folder swaps)
+    safetensors_io  plain-read safetensors files, model-folder weight files, the strict key/shape check
+    kv_cache        the preallocated per-layer key/value cache for incremental decoding
+    rotary          rotary position tables (with HF's rope scalings) and rotate-half application
+    masks           boolean SDPA masks for causal / padded / sliding-window attention
+    dtypes          dtype names for flags and config files
+    onednn          the oneDNN pre-packed linear (CPU inference) and its per-dtype availability check
+    cli             one argparse vocabulary and the `error: <flag or file>: <problem>` exit-2 convention
+
+Imports nothing of ours (a test checks), so any package may import it.
+"""
