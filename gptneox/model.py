@@ -168,13 +168,38 @@ class GPTNeoXForCausalLM(nn.Module):
                 module.weight.fill_(1.0)
                 module.bias.zero_()
 
+    # ---- the causal-LM contract (core/causal_lm.py): what train/ relies on
+    LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+    family = "gpt_neox"
+
     def new_cache(self) -> KVCache:
         return KVCache(self.config.num_hidden_layers)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> final-norm hidden states (B, T, H)."""
+        return self.gpt_neox(input_ids, attention_mask, position_ids, cache)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> (..., V)."""
+        return self.embed_out(hidden)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.gpt_neox.layers
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.gpt_neox.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        self.gpt_neox.gradient_checkpointing = bool(value)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """input_ids (B, T), attention_mask (B, past + T) of 1/0 -> logits (B, T, V)."""
-        return self.embed_out(self.gpt_neox(input_ids, attention_mask, position_ids, cache))
+        return self.logits(self.hidden_states(input_ids, attention_mask, position_ids, cache))
 
     def num_parameters(self) -> int:
         """Distinct parameters (a tied embedding counts once)."""
