@@ -12,16 +12,22 @@ class RotaryEmbedding(nn.Module):
     No buffers: the fp32 table is built lazily on the device of the positions and grown on demand, so a model
     built on the meta device needs no buffer fix-up, and HF's numerics are kept (fp32 angles, cast to the
     activation dtype as HF does).
+
+    `linear_scaling` > 1 is HF's "linear" rope scaling (positions divided by the factor, done as HF does it:
+    the inverse frequencies divided by it), used by Gemma 3's global layers.
     """
 
-    def __init__(self, dim: int, base: float, max_positions: int):
+    def __init__(self, dim: int, base: float, max_positions: int, linear_scaling: float = 1.0):
         super().__init__()
         self.dim, self.base, self.max_positions = dim, float(base), max_positions
+        self.linear_scaling = float(linear_scaling)
         self._cos: torch.Tensor | None = None  # (P, dim) fp32
         self._sin: torch.Tensor | None = None
 
     def _build(self, n: int, device: torch.device) -> None:
         inv_freq = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float, device=device) / self.dim))
+        if self.linear_scaling != 1.0:
+            inv_freq = inv_freq / self.linear_scaling
         freqs = torch.arange(n, device=device).float()[:, None] * inv_freq  # (n, dim/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (n, dim)
         self._cos, self._sin = emb.cos(), emb.sin()
