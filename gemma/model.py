@@ -1,0 +1,251 @@
+"""Gemma-2 / Gemma-3 (text) in plain PyTorch, with module names equal to the HF checkpoint's keys.
+
+    input_ids (B, T)
+      -> model.embed_tokens * sqrt(H)  (the scale rounded to the activation dtype, as HF does)   (B, T, H)
+      -> N x GemmaDecoderLayer (layer_types[i]: "sliding_attention" or "full_attention"):
+           a = self_attn(input_layernorm(x))      GQA; Gemma 3: q_norm / k_norm per head; rotary with the local
+                                                  base on sliding layers, the global base (+ linear scaling)
+                                                  on full ones; scores * query_pre_attn_scalar^-0.5; Gemma 2:
+                                                  scores soft-capped; sliding layers see the last window keys
+           x = x + post_attention_layernorm(a)
+           x = x + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))     GeGLU (tanh GELU)
+      -> model.norm                                                                              (B, T, H)
+      -> lm_head (tied to embed_tokens), Gemma 2: logits soft-capped                             (B, T, V)
+
+Every RMSNorm is computed in fp32 with weight (1 + w) and cast back (HF's Gemma numerics). `state_dict()` keys
+are the HF file's keys (`model.layers.3.self_attn.q_proj.weight`, ...), so loading is a 1:1 copy (load.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from core.kv_cache import KVCache
+from core.masks import attention_mask_for_sdpa
+from core.rotary import RotaryEmbedding, apply_rotary
+
+from .config import GemmaConfig
+
+
+def activation(name: str):
+    """HF ACT2FN names -> functions: every Gemma uses the tanh approximation (gelu_pytorch_tanh)."""
+    if name in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu
+    raise ValueError(f"unsupported hidden_activation {name!r}")
+
+
+class GemmaRMSNorm(nn.Module):
+    """x / rms(x) * (1 + w), in fp32, cast back to x's dtype. w is stored zero-centred (HF and Google's keys)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).type_as(x)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+           scale: float, softcap: float | None) -> torch.Tensor:
+    """q (B, nh, T, hd), k/v (B, nkv, S, hd) -> (B, nh, T, hd). SDPA unless scores are soft-capped (Gemma 2),
+    which SDPA cannot do: then explicit scores, grouped per KV head (no repeated K/V), softmax in fp32 as HF."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+    B, nh, T, hd = q.shape
+    nkv, S = k.shape[1], k.shape[2]
+    qg = q.view(B, nkv, nh // nkv, T, hd)
+    scores = (qg @ k[:, :, None].transpose(-1, -2)) * scale  # (B, nkv, g, T, S)
+    scores = torch.tanh(scores / softcap) * softcap
+    if is_causal:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if mask is not None:  # (B|1, 1, T, S) -> (B|1, 1, 1, T, S), or (T, S)
+        scores = scores.masked_fill(~(mask[:, :, None] if mask.dim() == 4 else mask), float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return (probs @ v[:, :, None]).view(B, nh, T, hd)
+
+
+class GemmaAttention(nn.Module):
+    def __init__(self, config: GemmaConfig, layer: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                                            config.head_dim)
+        self.scale = config.query_pre_attn_scalar ** -0.5
+        self.softcap = config.attn_logit_softcapping
+        self.sliding = config.layer_types[layer] == "sliding_attention"
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        if config.use_qk_norm:
+            self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                is_causal: bool, key_start: int, cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # cos/sin (B, T, 1, hd)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh|nkv, T, hd)
+        if cache is not None:  # (B, nkv, T, hd) -> (B, nkv, past + T, hd)
+            k, v = cache.update(layer, k, v)
+        if key_start:  # sliding layer past its window: keys no query of this step can see are left out
+            k, v = k[:, :, key_start:], v[:, :, key_start:]
+        y = attend(q, k, v, mask, is_causal, self.scale, self.softcap)  # (B, nh, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+class GemmaMLP(nn.Module):
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act = activation(config.hidden_activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GemmaDecoderLayer(nn.Module):
+    def __init__(self, config: GemmaConfig, layer: int):
+        super().__init__()
+        H, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = GemmaAttention(config, layer)
+        self.mlp = GemmaMLP(config)
+        self.input_layernorm = GemmaRMSNorm(H, eps)
+        self.post_attention_layernorm = GemmaRMSNorm(H, eps)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(H, eps)
+        self.post_feedforward_layernorm = GemmaRMSNorm(H, eps)
+
+    def forward(self, x, cos, sin, mask, is_causal, key_start, cache, layer):
+        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, key_start, cache, layer)
+        x = x + self.post_attention_layernorm(a)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class GemmaModel(nn.Module):
+    """Scaled embeddings + layers + final norm; returns normed hidden states (B, T, H)."""
+
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(GemmaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        P = config.max_position_embeddings
+        # Gemma 3: local base on sliding layers, global base (+ scaling) on full ones; Gemma 2: one table for all
+        self.rotary_global = RotaryEmbedding(config.head_dim, config.rope_theta, P, config.rope_scaling_factor)
+        self.rotary_local = RotaryEmbedding(config.head_dim, config.rope_local_base_freq, P)
+        self.gradient_checkpointing = False  # recompute each layer in backward (training only)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, past + T):
+            raise ValueError(f"attention_mask must be (batch, past + new) = {(B, past + T)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        if position_ids is None:
+            if attention_mask is not None:  # count real tokens: right for left padding, as HF generate does
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            else:
+                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        x = self.embed_tokens(input_ids)  # (B, T, H)
+        x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
+        tables = {}
+        for kind, rotary in (("full_attention", self.rotary_global), ("sliding_attention", self.rotary_local)):
+            if kind in self.config.layer_types:
+                cos, sin = rotary(position_ids, x.dtype)  # (B, T, 1, 1, hd)
+                tables[kind] = cos[:, :, :, 0], sin[:, :, :, 0]  # (B, T, 1, hd): broadcast over heads
+        masks = {"full_attention": (*attention_mask_for_sdpa(attention_mask, T, past, x.device), 0)}
+        if "sliding_attention" in self.config.layer_types:
+            # keys before the first one the earliest new query can see are dropped: the mask is built for the
+            # shifted problem, which is the same (the window depends on distances only)
+            start = max(0, past - self.config.sliding_window + 1)
+            sub = attention_mask[:, start:] if attention_mask is not None else None
+            masks["sliding_attention"] = (*attention_mask_for_sdpa(sub, T, past - start, x.device,
+                                                                   self.config.sliding_window), start)
+        use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for i, layer in enumerate(self.layers):
+            kind = self.config.layer_types[i]
+            (cos, sin), (mask, is_causal, start) = tables[kind], masks[kind]
+            if use_ckpt and cache is None:
+                x = checkpoint(layer, x, cos, sin, mask, is_causal, start, None, i, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, is_causal, start, cache, i)
+        if cache is not None:
+            cache.length += T
+        return self.norm(x)
+
+
+class GemmaForCausalLM(nn.Module):
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.config = config
+        self.model = GemmaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+        if self.lm_head.weight.device.type != "meta":
+            self.reset_parameters()
+
+    def tie_weights(self) -> None:
+        """With tie_word_embeddings (every released Gemma) the LM head is the embedding matrix (one Parameter)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def _apply(self, fn, recurse=True):
+        # .to()/.to_empty()/.half() may give each owner of the shared Parameter its own copy: re-tie afterwards
+        result = super()._apply(fn, recurse)
+        self.tie_weights()
+        return result
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """HF's initialisation: normal(0, std) weights; RMSNorm weights 0 (i.e. a scale of 1 + 0)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std)
+            elif isinstance(module, GemmaRMSNorm):
+                module.weight.zero_()
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.config.num_hidden_layers)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Normed hidden states (B, T, H) -> logits (B, T, V), soft-capped when the config says so (Gemma 2)."""
+        logits = self.lm_head(hidden)
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """input_ids (B, T), attention_mask (B, past + T) of 1/0 -> logits (B, T, V)."""
+        return self.logits(self.model(input_ids, attention_mask, position_ids, cache))
+
+    def num_parameters(self) -> int:
+        """Distinct parameters (the tied embedding counts once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
