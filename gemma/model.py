@@ -224,19 +224,43 @@ class GemmaForCausalLM(nn.Module):
             elif isinstance(module, GemmaRMSNorm):
                 module.weight.zero_()
 
+    # ---- the causal-LM contract (core/causal_lm.py): what train/ relies on
+    LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    @property
+    def family(self) -> str:
+        return self.config.model_type
+
     def new_cache(self) -> KVCache:
         return KVCache(self.config.num_hidden_layers)
 
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> final-norm hidden states (B, T, H)."""
+        return self.model(input_ids, attention_mask, position_ids, cache)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Normed hidden states (B, T, H) -> logits (B, T, V), soft-capped when the config says so (Gemma 2)."""
+        """(..., H) -> (..., V), soft-capped when the config says so (Gemma 2)."""
         logits = self.lm_head(hidden)
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.model.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        self.model.gradient_checkpointing = bool(value)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """input_ids (B, T), attention_mask (B, past + T) of 1/0 -> logits (B, T, V)."""
-        return self.logits(self.model(input_ids, attention_mask, position_ids, cache))
+        return self.logits(self.hidden_states(input_ids, attention_mask, position_ids, cache))
 
     def num_parameters(self) -> int:
         """Distinct parameters (the tied embedding counts once)."""

@@ -1,0 +1,56 @@
+"""Convert a Gemma-2 / Gemma-3 GGUF file into a Hugging Face model folder.
+
+    python -m gemma.convert FILE.gguf OUT_DIR [--dtype fp32|bf16]
+
+Writes config.json, model.safetensors (every tensor dequantised; fp32, the default, holds the GGUF's values
+exactly, bf16 rounds them), tokenizer.json and tokenizer_config.json. transformers'
+AutoModelForCausalLM / AutoTokenizer and our `gemma.load_model` read the folder. The folder appears only when
+complete (written beside it, then renamed). Bad input: one line on stderr, exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError
+from .gguf_io import GGUFError, GGUFFile
+from .load import load_gguf, save_pretrained
+from .tokenizer import tokenizer_files, tokenizer_from_gguf
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def convert(gguf: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """GGUF file -> HF folder (weights, config, tokenizer); returns the folder."""
+    f = GGUFFile.open(gguf)  # opened once: the vocabulary is parsed for the model's config and the tokenizer
+    files = tokenizer_files(tokenizer_from_gguf(f), f)
+    model = load_gguf(f, dtype)
+    return save_pretrained(model, out_dir, extra_files=files)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m gemma.convert", description=__doc__.split("\n\n")[0])
+    ap.add_argument("gguf", type=Path, help="a Gemma-2 / Gemma-3 .gguf file")
+    ap.add_argument("out_dir", type=Path, help="HF folder to write (files replaced atomically if it exists)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                    help="weights dtype (default fp32: the dequantised values exactly)")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        folder = convert(args.gguf, args.out_dir, DTYPES[args.dtype])
+    except (GGUFError, ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {args.out_dir}: cannot write ({e.strerror or e})", file=sys.stderr)
+        return 2
+    print(f"wrote {folder} ({args.dtype}) from {args.gguf} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
