@@ -176,6 +176,8 @@ class GemmaConfig:
             eos = eos[0] if eos else None
         softcap = {k: (d[k] if k in d else defaults[k]) for k in ("attn_logit_softcapping",
                                                                  "final_logit_softcapping")}
+        if model_type == "gemma3_text":  # transformers' Gemma 3 attention never applies it: nor do we
+            softcap["attn_logit_softcapping"] = None
         config = cls.__new__(cls)
         config.__dict__.update(
             model_type=model_type, vocab_size=get("vocab_size"), hidden_size=d["hidden_size"],

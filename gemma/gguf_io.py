@@ -125,7 +125,7 @@ class GGUFFile:
         try:
             reader = _reader_class()(path)
         except ValueError as e:
-            m = re.search(r"(\d+) is not a valid GGMLQuantizationType", str(e))
+            m = re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", str(e))
             if m:
                 raise GGUFError(f"{path}: unknown GGML tensor type id {m.group(1)} (the installed gguf package "
                                 f"cannot read it)") from None
