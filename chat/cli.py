@@ -30,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from core.errors import OhLoRAError
 from data.sft import PromptTemplate
 from chat.memory import MemoryStore
 from sbert.bases import TRAINED_DIR
@@ -42,7 +43,7 @@ DEFAULT_STORE = Path("runs/memory.txt")
 EXIT_WORDS = {"exit", "quit", "/exit", "/quit", "종료"}
 
 
-class ChatError(ValueError):
+class ChatError(OhLoRAError):
     """A chat set-up or input problem, with a message meant for the user (CLI: printed, exit 2)."""
 
 

@@ -7,7 +7,8 @@
     masks           boolean SDPA masks for causal / padded / sliding-window attention
     dtypes          dtype names for flags and config files
     onednn          the oneDNN pre-packed linear (CPU inference) and its per-dtype availability check
-    cli             one argparse vocabulary and the `error: <flag or file>: <problem>` exit-2 convention
+    errors          OhLoRAError, the base of every package's own error class (what CLIs print in one line)
+    cli             one argparse vocabulary from dataclass configs and the `error: <flag or file>: <problem>` exit 2
 
 Imports nothing of ours (a test checks), so any package may import it.
 """

@@ -22,12 +22,13 @@ import torch
 from safetensors.torch import save_file
 
 from core.atomic import atomic_write_file, atomic_write_text
+from core.errors import OhLoRAError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(OhLoRAError):
     """A model folder whose files do not match the config (the message names the folder and the keys)."""
 
 

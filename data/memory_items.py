@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import re
 
+from core.errors import OhLoRAError
+
 # `[key: value]`: the key has no brackets or colon, the value no brackets (it may hold a colon: `[시간: 10:30]`).
 ITEM_PATTERN = re.compile(r"\[\s*([^\[\]:]+?)\s*:\s*([^\[\]]*?[^\[\]\s][^\[\]]*?)\s*\]")
 
-class MemoryFormatError(ValueError):
+class MemoryFormatError(OhLoRAError):
     """A store file or item that is not `[key: value]`: the message names the file/line or the item."""
 
 

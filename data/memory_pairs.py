@@ -26,6 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from core.atomic import atomic_write_file
+from core.errors import OhLoRAError
 
 COLUMNS = ("memory_0", "user_prompt_1", "similarity_score")
 # Keys that name the same topic; the left one is scored as the right one.
@@ -35,7 +36,7 @@ KEY_ALIASES = {"좋아하는 아이돌": "좋아하는 가수"}
 _LINE = re.compile(r"^\[(?P<key>[^:\[\]]+):(?P<value>[^\[\]]+)\]\s+(?P<message>\S.*)$")
 
 
-class CombinationFileError(ValueError):
+class CombinationFileError(OhLoRAError):
     """A combination file that cannot be read or parsed; the message names the file (and line)."""
 
 

@@ -28,13 +28,15 @@ from typing import Protocol, Sequence
 
 import torch
 
+from core.errors import OhLoRAError
+
 IGNORE_INDEX = -100
 SPLIT_COLUMNS = ("split", "data_type")  # ours, then the original's
 TRAIN_NAMES = {"train", "training"}
 VALID_NAMES = {"valid", "validation", "val", "eval", "dev", "test"}
 
 
-class SFTDataError(ValueError):
+class SFTDataError(OhLoRAError):
     """Bad SFT data file: the message names the file and the problem (CLIs print it, exit 2)."""
 
 

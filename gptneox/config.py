@@ -17,8 +17,10 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from core.errors import OhLoRAError
 
-class ConfigError(ValueError):
+
+class ConfigError(OhLoRAError):
     """A `config.json` we cannot turn into a GPTNeoXConfig (the message names the file and the key)."""
 
 

@@ -13,10 +13,12 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer as RawTokenizer
 
+from core.errors import OhLoRAError
+
 DEFAULT_EOS = "<|endoftext|>"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(OhLoRAError):
     """A tokenizer folder we cannot use (the message names the file and the problem)."""
 
 

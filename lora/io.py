@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from core.atomic import atomic_write_file
+from core.errors import OhLoRAError
 
 from .config import LoRAConfig
 from .inject import inject_lora, lora_layers, plan_injection, unwrap
@@ -57,7 +58,7 @@ UNSUPPORTED_FIELDS = {
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "mica")
 
 
-class AdapterError(ValueError):
+class AdapterError(OhLoRAError):
     """An adapter folder that cannot be loaded correctly; the message names the file and the problem."""
 
 

@@ -26,12 +26,13 @@ import numpy as np
 import pandas as pd
 
 from core.atomic import atomic_write_file
+from core.errors import OhLoRAError
 
 PAIR_COLUMNS = ("memory_0", "user_prompt_1", "similarity_score")
 METRIC_NAMES = ("mse", "mae", "pearson", "spearman", "recall_at_1")
 
 
-class PairsFileError(ValueError):
+class PairsFileError(OhLoRAError):
     """A pairs CSV that is missing, unreadable or lacks the required columns."""
 
 

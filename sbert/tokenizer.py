@@ -17,8 +17,10 @@ import torch
 from tokenizers import Encoding, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from torch import Tensor
 
+from core.errors import OhLoRAError
 
-class TokenizerLoadError(ValueError):
+
+class TokenizerLoadError(OhLoRAError):
     """A tokenizer that cannot be built from a folder: the message names the file and the problem."""
 
 

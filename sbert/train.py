@@ -41,6 +41,7 @@ from torch import Tensor
 from sbert.evaluate import PairsFileError, bundled_pairs, evaluate, format_table, json_safe, load_pairs, plot_scatter
 from sbert.model import SentenceEncoder
 from core.atomic import atomic_write_dir, atomic_write_text
+from core.errors import OhLoRAError
 from train.distributed import (DistInfo, all_reduce_sum, barrier, fail_fast_on_collective_error, init_distributed,
                                loss_scale, shard, wrap_ddp)
 from core.onednn import invalidate_on_step
@@ -54,7 +55,7 @@ BUCKET_POOL_BATCHES = 50
 SPLIT_OVERHEAD_TOKENS = 64  # a second forward costs about this many padded tokens of work (python + kernels)
 
 
-class TrainSetupError(ValueError):
+class TrainSetupError(OhLoRAError):
     """A missing base model or bad setting; the message says what to do."""
 
 
