@@ -30,9 +30,10 @@ from typing import Callable
 
 import torch
 
+from core.cli import DTYPE_CHOICES, Parser, add_config_flags, choose_dtype, config_from_args, flag, run_cli
 from core.errors import OhLoRAError
 from data.sft import PromptTemplate
-from chat.memory import MemoryStore
+from chat.memory import MemoryStore, load_memory_encoder
 from sbert.bases import TRAINED_DIR
 from data.memory_items import ITEM_PATTERN, extract_memory_items, strip_memory_items
 from train.sampler import SamplingConfig, generate
@@ -189,6 +190,10 @@ def load_chat_model(model_dir: Path, adapter_dir: Path | None, dtype: torch.dtyp
     tok_dir = next((d for d in (model_dir, adapter_dir) if d is not None and (d / "tokenizer.json").is_file()), None)
     if tok_dir is None:
         raise ChatError(f"{model_dir}: no tokenizer.json next to the model (nor in the adapter folder)")
+    from gptneox.config import GPTNeoXConfig
+
+    tokenizer = Tokenizer.from_folder(tok_dir)
+    tokenizer.check_fits(GPTNeoXConfig.from_json(model_dir / "config.json").vocab_size, model_dir / "config.json")
     model = load_model(model_dir, dtype=dtype)
     if adapter_dir is not None:
         if not adapter_dir.is_dir():
@@ -199,7 +204,7 @@ def load_chat_model(model_dir: Path, adapter_dir: Path | None, dtype: torch.dtyp
     if pack:
         from core.onednn import pack_linears
         pack_linears(model)
-    return model, Tokenizer.from_folder(tok_dir)
+    return model, tokenizer
 
 
 def load_memory(store_path: Path, memory_model: str | Path | None, no_memory: bool) -> tuple[MemoryStore, str | None]:
@@ -209,8 +214,7 @@ def load_memory(store_path: Path, memory_model: str | Path | None, no_memory: bo
     if not no_memory:
         folder = Path(memory_model) if memory_model is not None else TRAINED_DIR
         if folder.is_dir():
-            from sbert.model import SentenceEncoder
-            encoder = SentenceEncoder.load(folder)
+            encoder = load_memory_encoder(folder)
         elif memory_model is not None:
             raise ChatError(f"{folder}: --memory-model folder not found")
         else:
@@ -225,24 +229,28 @@ def load_memory(store_path: Path, memory_model: str | Path | None, no_memory: bo
 # CLI
 # ----------------------------------------------------------------------------------------------------------
 
+@dataclass
+class ChatOptions:
+    """`python -m chat` flags besides the sampling ones (those come from SamplingConfig)."""
+    model: str | None = flag(None, kind="dir", help=f"GPT-NeoX HF folder (default: the base the adapter names, "
+                                                    f"else {DEFAULT_BASE})")
+    adapter: str | None = flag(None, kind="dir", help=f"LoRA adapter folder (default: {DEFAULT_ADAPTER} when "
+                                                      "--model is not given)")
+    memory_model: str | None = flag(None, kind="dir", help=f"sentence-transformers folder (default: {TRAINED_DIR} "
+                                                           "if present)")
+    memory_store: str = flag(str(DEFAULT_STORE), kind="output_file", help="memory items file")
+    no_memory: bool = flag(False, help="do not search the memory (items are still saved)")
+    once: str | None = flag(None, metavar="MESSAGE", help="answer one message, print it and exit (for scripts)")
+    dtype: str = flag("fp32", choices=DTYPE_CHOICES, help="model weights dtype (bf16: half the memory, faster for "
+                                                          "a 1.3B model where the CPU has native bf16; auto: "
+                                                          "chosen by capability)")
+    no_pack: bool = flag(False, help="keep plain nn.Linear layers (no oneDNN weight packing)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m chat", description="Chat with the LoRA-tuned Oh-LoRA model.")
-    p.add_argument("--model", help=f"GPT-NeoX HF folder (default: the base the adapter names, else {DEFAULT_BASE})")
-    p.add_argument("--adapter", help=f"LoRA adapter folder (default: {DEFAULT_ADAPTER} when --model is not given)")
-    p.add_argument("--memory-model", help=f"sentence-transformers folder (default: {TRAINED_DIR} if present)")
-    p.add_argument("--memory-store", default=str(DEFAULT_STORE), help=f"memory items file (default {DEFAULT_STORE})")
-    p.add_argument("--no-memory", action="store_true", help="do not search the memory (items are still saved)")
-    p.add_argument("--once", metavar="MESSAGE", help="answer one message, print it and exit (for scripts)")
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=80)
-    p.add_argument("--max-trials", type=int, default=30, help="regenerate an empty answer up to this many times")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="model weights dtype (bf16: faster, "
-                                                                             "half the memory for a 1.3B model)")
-    p.add_argument("--no-pack", action="store_true", help="keep plain nn.Linear layers (no oneDNN weight packing)")
+    p = Parser(prog="python -m chat", description="Chat with the LoRA-tuned Oh-LoRA model.")
+    add_config_flags(p, ChatOptions)
+    add_config_flags(p, SamplingConfig, exclude=("do_sample", "stop_strings"), group="sampling")
     return p
 
 
@@ -253,27 +261,26 @@ def _print_turn_notes(reply: ChatReply) -> None:
         print(f"  (remembered: {item})", file=sys.stderr)
 
 
+@run_cli
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.once is not None and not args.once.strip():
-            raise ChatError("--once: empty message")
-        config = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                                max_trials=args.max_trials, seed=args.seed)
-        model_dir, adapter_dir = resolve_model_dirs(args.model, args.adapter)
-        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-        model, tokenizer = load_chat_model(model_dir, adapter_dir, dtype, pack=not args.no_pack)
-        memory, note = load_memory(Path(args.memory_store), args.memory_model, args.no_memory)
-    except (ValueError, OSError) as e:   # ChatError, config/adapter/tokenizer/memory errors, missing files
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    opts = config_from_args(ChatOptions, args)
+    config = config_from_args(SamplingConfig, args)
+    if opts.once is not None and not opts.once.strip():
+        raise ChatError("--once: empty message")
+    model_dir, adapter_dir = resolve_model_dirs(opts.model, opts.adapter)
+    dtype_name, dtype_note = choose_dtype(opts.dtype, "cpu")
+    if dtype_note:
+        print(dtype_note, file=sys.stderr)
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    model, tokenizer = load_chat_model(model_dir, adapter_dir, dtype, pack=not opts.no_pack)
+    memory, note = load_memory(Path(opts.memory_store), opts.memory_model, opts.no_memory)
     if note:
         print(note, file=sys.stderr)
     session = ChatSession(model, tokenizer, config, memory, use_memory_search=memory.encoder is not None)
 
-    if args.once is not None:
-        reply = session.reply(args.once)
+    if opts.once is not None:
+        reply = session.reply(opts.once)
         _print_turn_notes(reply)
         print(reply.answer)
         return 0

@@ -7,20 +7,21 @@ e.g. `[오늘 일정: 친구랑 카페 방문] 오늘 뭐 해?`. A store is a te
 strings (a `.json` file). Keys are unique: adding an item whose key is already stored replaces the old value
 (the newest fact wins, e.g. a new `[오늘 일정: …]`), an identical item is ignored.
 
-CLI: `python -m chat.memory --query "오늘 뭐 해?" [--model DIR] [--store FILE] [--top K] [--threshold T]`.
+CLI: `python -m chat.memory --query "오늘 뭐 해?" [--model DIR] [--memory-store FILE] [--top K] [--threshold T]`.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from core.atomic import atomic_write_text
+from core.cli import COSINE, COUNT, Parser, add_config_flags, config_from_args, flag, run_cli
 from data.memory_items import MemoryFormatError, clean_text, format_item, parse_item
 from sbert.bases import TRAINED_DIR, default_model_dir
 
@@ -54,11 +55,16 @@ class MemoryStore:
         """Read a store file (`.json`: a list of items; otherwise one item per line). A missing file with
         `missing_ok=True` gives an empty store that `save()` will create."""
         path = Path(path)
+        if path.is_dir():
+            raise MemoryFormatError(f"{path}: is a folder; a memory store is a file (one [key: value] per line)")
         if not path.is_file():
             if missing_ok:
                 return cls(path=path, encoder=encoder, threshold=threshold)
             raise FileNotFoundError(f"{path}: memory store not found")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise MemoryFormatError(f"{path}: not valid UTF-8 (byte {e.start})") from None
         store = cls(path=path, encoder=encoder, threshold=threshold)
         if path.suffix.lower() == ".json":
             try:
@@ -166,45 +172,57 @@ class MemoryStore:
         return self.recall(message)[0]
 
 
+def load_memory_encoder(folder: str | os.PathLike, flag: str = "--memory-model"):
+    """The memory's SentenceEncoder; only a sentence-transformers folder (modules.json) qualifies — a plain HF
+    folder would load as an unnormalised encoder whose cosines mean something else."""
+    from sbert.model import SentenceEncoder, SentenceModelError
+
+    folder = Path(folder)
+    if folder.is_dir() and not (folder / "modules.json").is_file():
+        raise SentenceModelError(f"{folder}: no modules.json, so not a sentence-transformers folder ({flag} wants "
+                                 f"what `python -m sbert.train` writes, e.g. {TRAINED_DIR})")
+    return SentenceEncoder.load(folder)
+
+
 def _unit_rows(x: np.ndarray) -> np.ndarray:
     x = np.atleast_2d(x)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m chat.memory",
-                                     description="Show the memory items most similar to a message.")
-    parser.add_argument("--query", required=True, help="the user's message")
-    parser.add_argument("--model", type=Path, default=None,
-                        help=f"sentence-transformers folder (default: {TRAINED_DIR}, else bundled MiniLM)")
-    parser.add_argument("--store", type=Path, default=None,
-                        help="memory file: one [key: value] per line, or a .json list (default: a built-in example)")
-    parser.add_argument("--top", type=int, default=5, help="how many items to show (default 5)")
-    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                        help=f"minimum cosine for an item to be used (default {DEFAULT_THRESHOLD})")
-    args = parser.parse_args(argv)
-    try:
-        from sbert.model import SentenceEncoder
+@dataclass
+class MemoryQuery:
+    """`python -m chat.memory` flags."""
+    query: str = flag(None, help="the user's message", required=True)
+    model: str | None = flag(None, kind="dir", help=f"sentence-transformers folder (default: {TRAINED_DIR}, "
+                                                    "else the bundled MiniLM)")
+    memory_store: str | None = flag(None, kind="file", aliases=("--store",),
+                                    help="memory file: one [key: value] per line, or a .json list "
+                                         "(default: a built-in example)")
+    top: int = flag(5, range=COUNT, help="how many items to show")
+    threshold: float = flag(DEFAULT_THRESHOLD, range=COSINE, help="minimum cosine for an item to be used")
 
-        if args.model is None:
-            folder, note = default_model_dir()
-            if note:
-                print(note, file=sys.stderr)
-        else:
-            folder = args.model
-        encoder = SentenceEncoder.load(folder)
-        if args.store is None:
-            print("note: no --store given; using a built-in example store", file=sys.stderr)
-            store = MemoryStore(EXAMPLE_ITEMS, encoder=encoder, threshold=args.threshold)
-        else:
-            store = MemoryStore.load(args.store, encoder=encoder, threshold=args.threshold)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+@run_cli
+def main(argv: list[str] | None = None) -> int:
+    parser = Parser(prog="python -m chat.memory", description="Show the memory items most similar to a message.")
+    add_config_flags(parser, MemoryQuery)
+    args = config_from_args(MemoryQuery, parser.parse_args(argv))
+    if args.model is None:
+        folder, note = default_model_dir()
+        if note:
+            print(note, file=sys.stderr)
+    else:
+        folder = args.model
+    encoder = load_memory_encoder(folder, "--model")
+    if args.memory_store is None:
+        print("note: no --memory-store given; using a built-in example store", file=sys.stderr)
+        store = MemoryStore(EXAMPLE_ITEMS, encoder=encoder, threshold=args.threshold)
+    else:
+        store = MemoryStore.load(args.memory_store, encoder=encoder, threshold=args.threshold)
     ranked = store.scores(args.query)
     if not ranked:
         print("(the memory store is empty)")
-    for item, score in ranked[:max(args.top, 0)]:
+    for item, score in ranked[:args.top]:
         mark = "*" if score >= args.threshold else " "
         print(f"{mark} {score:.4f}  {item}")
     print(f"prompt: {store.build_prompt(args.query)}")

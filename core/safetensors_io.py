@@ -158,10 +158,12 @@ def match_keys(files: list[SafetensorsFile], expected: dict[str, tuple[int, ...]
 
 
 def read_state(found: dict[str, tuple[SafetensorsFile, str]], dtype: torch.dtype | None = None,
-               device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+               device: str | torch.device = "cpu", check_finite: bool = True) -> dict[str, torch.Tensor]:
     """Read the matched tensors, cast to `dtype` (None: keep each file dtype), onto `device`.
 
-    File by file, tensor by tensor, through one reused staging buffer: peak = the result + one source tensor."""
+    File by file, tensor by tensor, through one reused staging buffer: peak = the result + one source tensor.
+    With `check_finite`, a float tensor holding NaN/inf is a CheckpointError naming the file and tensor (a
+    broken checkpoint would otherwise surface much later as `probability tensor contains inf, nan`)."""
     device = torch.device(device)
     files = list(dict.fromkeys(f for f, _ in found.values()))
     staging = torch.empty(max((f.nbytes(k) for f, k in found.values()), default=0), dtype=torch.uint8)
@@ -170,7 +172,10 @@ def read_state(found: dict[str, tuple[SafetensorsFile, str]], dtype: torch.dtype
         with open(f.path, "rb") as fh:
             for key, (owner, file_key) in found.items():
                 if owner is f:
-                    state[key] = f.read(file_key, fh, dtype, staging).to(device)
+                    t = f.read(file_key, fh, dtype, staging)
+                    if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        raise CheckpointError(f"{f.path}: tensor {file_key} holds NaN/inf values")
+                    state[key] = t.to(device)
     return state
 
 

@@ -83,6 +83,14 @@ class Tokenizer:
         return cls(raw, eos_token=eos, pad_token=special.get("pad_token"), bos_token=special.get("bos_token"),
                    source=str(folder))
 
+    def check_fits(self, vocab_size: int, config_path: str | os.PathLike) -> None:
+        """Every id this tokenizer can produce must index the model's embedding table; checked once at load,
+        else a foreign tokenizer ends in `IndexError: index out of range` mid-run (or trains on garbage)."""
+        max_id = max(self.tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
+        if max_id >= vocab_size:
+            raise TokenizerError(f"{Path(self.source) / 'tokenizer.json'}: token ids go up to {max_id}, but "
+                                 f"{config_path} has vocab_size {vocab_size}: tokenizer and model do not match")
+
     @property
     def vocab_size(self) -> int:
         """Size of the vocabulary including added tokens (len(tokenizer) in HF)."""

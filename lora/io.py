@@ -197,6 +197,10 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, *,
         if tuple(tensors[key].shape) != shape:
             raise AdapterError(f"{weights_path}: tensor {key} has shape {tuple(tensors[key].shape)}, the model "
                                f"needs {shape} (r={config.r}); was the adapter trained on another base model?")
+    bad = [key for key in expected if not bool(torch.isfinite(tensors[key]).all())]
+    if bad:
+        raise AdapterError(f"{weights_path}: tensor {bad[0]} holds NaN/inf values"
+                           + (f" ({len(bad) - 1} more tensors too)" if len(bad) > 1 else ""))
     if any(p.is_meta for p in model.parameters()):
         raise ValueError("load_adapter: the model has parameters on the meta device; load its weights first")
 

@@ -83,6 +83,17 @@ class EncoderConfig:
         if "pad_token_id" not in kwargs and model_type in ROBERTA_TYPES:
             kwargs["pad_token_id"] = 1
         config = cls(**kwargs, extra={k: v for k, v in d.items() if k not in names})
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "max_position_embeddings", "type_vocab_size"):
+            value = getattr(config, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise EncoderLoadError(f"{source}: {name} must be a positive integer, got {value!r}")
+        for name in ("layer_norm_eps", "hidden_dropout_prob", "attention_probs_dropout_prob"):
+            value = getattr(config, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise EncoderLoadError(f"{source}: {name} must be a number in [0, 1), got {value!r}")
+        if isinstance(config.pad_token_id, bool) or not isinstance(config.pad_token_id, int):
+            raise EncoderLoadError(f"{source}: pad_token_id must be an integer, got {config.pad_token_id!r}")
         if config.hidden_size % config.num_attention_heads:
             raise EncoderLoadError(f"{source}: hidden_size {config.hidden_size} is not divisible by "
                                    f"num_attention_heads {config.num_attention_heads}")
@@ -98,8 +109,10 @@ class EncoderConfig:
             raise EncoderLoadError(f"{path}: config.json not found")
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise EncoderLoadError(f"{path}: invalid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise EncoderLoadError(f"{path}: expected a JSON object, got {type(d).__name__}")
         return cls.from_dict(d, source=str(path))
 
     def to_hf_dict(self) -> dict[str, Any]:

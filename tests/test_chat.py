@@ -171,11 +171,11 @@ def test_cli_errors(model_and_adapter, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "run `python -m train.sft` first" in err and "Traceback" not in err
     assert chat.main(["--model", str(tmp_path / "nope"), "--once", "안녕"]) == 2
-    assert "--model folder not found" in capsys.readouterr().err
+    assert capsys.readouterr().err == f"error: --model: {tmp_path / 'nope'}: folder not found\n"
     assert chat.main(["--model", str(base), "--adapter", str(tmp_path), "--once", "안녕"]) == 2
     assert "adapter_config.json" in capsys.readouterr().err
     assert chat.main(["--model", str(base), "--memory-model", str(tmp_path / "x"), "--once", "안녕"]) == 2
-    assert "--memory-model folder not found" in capsys.readouterr().err
+    assert capsys.readouterr().err == f"error: --memory-model: {tmp_path / 'x'}: folder not found\n"
 
 
 def test_cli_default_uses_adapter_base(model_and_adapter, tmp_path, monkeypatch, capsys):

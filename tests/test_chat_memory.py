@@ -131,12 +131,12 @@ def test_real_minilm_threshold_sides(minilm_encoder):
 def test_cli(tmp_path, capsys, minilm_dir_path):
     store = tmp_path / "m.txt"
     store.write_text("[favorite food: pizza]\n[hobby: climbing mountains]\n", encoding="utf-8")
-    rc = main(["--query", "Do you like pizza? What food do you like?", "--store", str(store),
+    rc = main(["--query", "Do you like pizza? What food do you like?", "--memory-store", str(store),
                "--model", str(minilm_dir_path), "--top", "1"])
     out = capsys.readouterr().out.splitlines()
     assert rc == 0 and len(out) == 2
     assert out[0].startswith("* 0.") and out[0].endswith("[favorite food: pizza]")
     assert out[1] == "prompt: [favorite food: pizza] Do you like pizza? What food do you like?"
     store.write_text("broken line\n", encoding="utf-8")
-    assert main(["--query", "x", "--store", str(store), "--model", str(minilm_dir_path)]) == 2
+    assert main(["--query", "x", "--memory-store", str(store), "--model", str(minilm_dir_path)]) == 2
     assert "line 1" in capsys.readouterr().err

@@ -37,38 +37,33 @@ from typing import Callable, Sequence
 
 import torch
 
+from core.cli import COUNT, NONNEG, POSITIVE, check_config, flag
+
 StreamFn = Callable[[int, str], None]
 DecodeFn = Callable[[list[int]], str]
 
 
 @dataclass
 class SamplingConfig:
-    max_new_tokens: int = 80
-    temperature: float = 0.6
-    top_k: int = 0                      # 0 = off
-    top_p: float = 1.0                  # 1.0 = off
-    repetition_penalty: float = 1.0     # 1.0 = off; HF's definition (divide positive, multiply negative logits)
-    do_sample: bool = True              # False (or temperature 0) = greedy
-    stop_strings: tuple[str, ...] = ("(답변 종료)",)
-    max_trials: int = 30                # generations per prompt while the answer comes out empty (sampling only)
-    seed: int | None = None
+    """Decoding settings; `python -m chat` builds its flags from these fields (core.cli)."""
+    max_new_tokens: int = flag(80, help="tokens generated per answer at most", range=COUNT)
+    temperature: float = flag(0.6, help="softmax temperature (0 = greedy)", range=NONNEG)
+    top_k: int = flag(0, help="sample from the k most likely tokens only (0 = off)", range=NONNEG)
+    top_p: float = flag(1.0, help="nucleus sampling: smallest set with this much probability (1 = off)",
+                        range="(0, 1]")
+    repetition_penalty: float = flag(1.0, help="HF's: divide positive / multiply negative logits of tokens "
+                                               "already present (1 = off)", range=POSITIVE)
+    do_sample: bool = flag(True, help="sample (--no-do-sample or temperature 0: greedy)")
+    stop_strings: tuple[str, ...] = flag(("(답변 종료)",), help="stop (and cut) at any of these strings")
+    max_trials: int = flag(30, help="regenerate an empty answer up to this many times (sampling only)",
+                           range=COUNT)
+    seed: int | None = flag(None, help="sampling seed (default: random)")
 
     def __post_init__(self) -> None:
         if isinstance(self.stop_strings, str):
             self.stop_strings = (self.stop_strings,)
         self.stop_strings = tuple(s for s in self.stop_strings if s)
-        if self.max_new_tokens < 0:
-            raise ValueError(f"SamplingConfig: max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"SamplingConfig: temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"SamplingConfig: top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"SamplingConfig: top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"SamplingConfig: repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.max_trials < 1:
-            raise ValueError(f"SamplingConfig: max_trials must be >= 1, got {self.max_trials}")
+        check_config(self)  # the ranges above: finite, in range (ValueError naming the field)
 
     @property
     def greedy(self) -> bool:
