@@ -48,8 +48,10 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SentenceModelError(f"{path}: file not found") from None
-    except json.JSONDecodeError as e:
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SentenceModelError(f"{path}: invalid JSON ({e})") from None
+    except IsADirectoryError:
+        raise SentenceModelError(f"{path}: is a folder, expected a JSON file") from None
 
 
 def _module_kind(type_name: str, source: Path) -> str:
@@ -101,6 +103,10 @@ class SentenceEncoder(nn.Module):
             modules = _read_json(modules_path)
             if not isinstance(modules, list) or not modules:
                 raise SentenceModelError(f"{modules_path}: expected a non-empty list of modules")
+            if not all(isinstance(m, dict) and isinstance(m.get("type"), str)
+                       and isinstance(m.get("path", ""), str) and isinstance(m.get("idx", 0), int) for m in modules):
+                raise SentenceModelError(f"{modules_path}: each module must be an object with a string \"type\" "
+                                         "and \"path\" (and an integer \"idx\")")
             kinds = []
             for m in sorted(modules, key=lambda m: m.get("idx", 0)):
                 kind = _module_kind(str(m.get("type", "")), modules_path)
