@@ -16,7 +16,6 @@ where the key `좋아하는 아이돌` counts as `좋아하는 가수` (the two 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from core.atomic import atomic_write_file
+from core.cli import Parser, check_file, check_output_file, run_cli
 from core.errors import OhLoRAError
 
 COLUMNS = ("memory_0", "user_prompt_1", "similarity_score")
@@ -111,16 +111,14 @@ def generate(combs_path: str | os.PathLike, out_csv: str | os.PathLike) -> pd.Da
     return df
 
 
+@run_cli
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data.memory_pairs", description=__doc__.split("\n\n")[0])
-    parser.add_argument("combs", help="combination file: one '[key: value] message' per line")
-    parser.add_argument("out_csv", help="output CSV (memory_0, user_prompt_1, similarity_score)")
+    parser = Parser(prog="python -m data.memory_pairs", description=__doc__.split("\n\n")[0])
+    parser.add_argument("combs", type=check_file, help="combination file: one '[key: value] message' per line")
+    parser.add_argument("out_csv", type=check_output_file,
+                        help="output CSV (memory_0, user_prompt_1, similarity_score), written atomically")
     args = parser.parse_args(argv)
-    try:
-        df = generate(args.combs, args.out_csv)
-    except (CombinationFileError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    df = generate(args.combs, args.out_csv)
     n = int(round(len(df) ** 0.5))
     exact = int((df["similarity_score"] == 1.0).sum())
     print(f"{args.out_csv}: {len(df)} pairs from {n} lines ({exact} with score 1.0)")

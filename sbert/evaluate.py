@@ -14,11 +14,11 @@ Pure numpy/pandas (no scipy). `evaluate(model, df)` is what `sbert.train` calls 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from core.atomic import atomic_write_file
+from core.cli import COUNT, Parser, add_config_flags, config_from_args, flag, run_cli
 from core.errors import OhLoRAError
 
 PAIR_COLUMNS = ("memory_0", "user_prompt_1", "similarity_score")
@@ -102,6 +103,10 @@ def load_pairs(path: str | os.PathLike) -> pd.DataFrame:
         df["similarity_score"] = df["similarity_score"].astype(np.float64)
     except ValueError:
         raise PairsFileError(f"{path}: similarity_score must be numeric") from None
+    bad = np.flatnonzero(~np.isfinite(df["similarity_score"].to_numpy()))
+    if len(bad):  # a NaN target would make every figure NaN (printed as null) without saying why
+        raise PairsFileError(f"{path}: line {bad[0] + 2}: similarity_score is {df['similarity_score'].iloc[bad[0]]}"
+                             + (f" ({len(bad)} rows in all)" if len(bad) > 1 else "") + "; scores must be finite")
     df["memory_0"] = df["memory_0"].astype(str)
     df["user_prompt_1"] = df["user_prompt_1"].astype(str)
     return df
@@ -192,25 +197,27 @@ def plot_scatter(predicted: Sequence[float], true: Sequence[float], png_path: st
     return png_path
 
 
+@dataclass
+class EvaluateArgs:
+    """`python -m sbert.evaluate` flags."""
+    model: str = flag(None, kind="dir", required=True, help="sentence-transformers folder (ours or ST's)")
+    data: str | None = flag(None, kind="file", help="pairs CSV (default: the bundled data/memory_test.csv)")
+    batch_size: int = flag(32, range=COUNT, help="texts per forward")
+    plot: str | None = flag(None, kind="output_file", help="write a predicted-vs-true scatter PNG here")
+    json: bool = flag(False, help="print the figures as one JSON object on the last line")
+
+
+@run_cli
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sbert.evaluate",
-                                     description="MSE / MAE / Pearson / Spearman / recall@1 of a sentence encoder "
-                                                 "on memory pairs.")
-    parser.add_argument("--model", required=True, help="sentence-transformers folder (ours or ST's)")
-    parser.add_argument("--data", default=None, help="pairs CSV (default: the bundled data/memory_test.csv)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--plot", default=None, help="write a predicted-vs-true scatter PNG here")
-    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
-    args = parser.parse_args(argv)
+    parser = Parser(prog="python -m sbert.evaluate",
+                    description="MSE / MAE / Pearson / Spearman / recall@1 of a sentence encoder on memory pairs.")
+    add_config_flags(parser, EvaluateArgs)
+    args = config_from_args(EvaluateArgs, parser.parse_args(argv))
     from sbert.model import SentenceEncoder
 
     data = args.data or str(bundled_pairs("memory_test.csv"))
-    try:
-        df = load_pairs(data)
-        model = SentenceEncoder.load(args.model)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    df = load_pairs(data)
+    model = SentenceEncoder.load(args.model)
     metrics = evaluate(model, df, batch_size=args.batch_size, return_predictions=True)
     print(f"{data}: {metrics['n_pairs']} pairs, {metrics['n_messages']} messages")
     print(format_table({"model": metrics}))
