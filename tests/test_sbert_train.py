@@ -110,6 +110,6 @@ def test_short_training_lowers_test_mse_and_best_checkpoint_reloads(tmp_path):
 
 
 def test_cli_bad_base_exits_2(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "sbert.train", "--base", str(tmp_path / "no-model"),
-                          "--output", str(tmp_path / "o"), "--test", ""], capture_output=True, text=True, cwd=ROOT)
+    run = subprocess.run([sys.executable, "-m", "sbert.train", "--model", str(tmp_path / "no-model"),
+                          "--output-dir", str(tmp_path / "o"), "--test", ""], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 2 and "no-model" in run.stderr and "Traceback" not in run.stderr
