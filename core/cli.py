@@ -90,7 +90,7 @@ def range_problem(value: float, spec: str | None) -> str | None:
             return f"must be {'>=' if lo_in else '>'} {lo:g}, got {value}"
         if math.isinf(lo):
             return f"must be {'<=' if hi_in else '<'} {hi:g}, got {value}"
-        return f"must be in {spec.replace(' ', '')}, got {value}"
+        return f"must be in {spec.strip()}, got {value}"
     return None
 
 

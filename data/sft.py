@@ -82,6 +82,7 @@ class SFTData:
     train: list[QAPair] = field(default_factory=list)   # with answers
     valid: list[QAPair] = field(default_factory=list)   # with answers → eval loss
     prompts: list[QAPair] = field(default_factory=list)  # without answers (any split) → sample generations
+    n_skipped: int = 0                                   # rows without a question (nothing to train or ask)
 
     def sample_prompts(self, n: int) -> list[str]:
         """Inputs for sample generations: prompt-only rows first, then validation inputs."""
@@ -126,7 +127,8 @@ def load_sft_csv(path: str | os.PathLike, input_column: str = "input_data", outp
     for line_no, row in enumerate(rows, start=2):
         inp, out = row.get(input_column), row.get(output_column)
         if _is_blank(inp):
-            continue  # blank lines / rows without a question carry nothing
+            data.n_skipped += int(any(not _is_blank(v) for v in row.values()))  # blank lines are not rows
+            continue  # rows without a question carry nothing
         split = "train"
         if split_column:
             raw = (row.get(split_column) or "").strip().lower()

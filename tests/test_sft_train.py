@@ -126,7 +126,7 @@ def test_original_layout_trains(base, tmp_path, capsys):
     assert (tmp_path / "o" / "last" / "adapter_config.json").is_file()
 
 
-def test_nan_loss_stops_naming_the_step(base, tmp_path, capsys):
+def test_nan_base_weights_refused_at_load(base, tmp_path, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(base, broken)
     model = load_model(broken)
@@ -136,7 +136,16 @@ def test_nan_loss_stops_naming_the_step(base, tmp_path, capsys):
     rc = main(["--model", str(broken), "--output-dir", str(tmp_path / "o"), "--max-steps", "3",
                "--no-progress", "--eval-prompts", "0"])
     err = capsys.readouterr().err
-    assert rc == 1 and "at optimizer step 1 " in err and "nan" in err
+    assert rc == 2 and err == f"error: {broken / 'model.safetensors'}: tensor embed_out.weight holds NaN/inf values\n"
+    assert not (tmp_path / "o" / "best").exists()
+
+
+def test_nan_loss_stops_naming_the_step(base, tmp_path, capsys):
+    rc = main(["--model", str(base), "--output-dir", str(tmp_path / "o"), "--max-steps", "3", "--lr", "1e30",
+               "--no-progress", "--eval-prompts", "0"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "at optimizer step " in err and err.startswith("error: ") and err.count("\n") == 1
+    assert not (tmp_path / "o" / "best").exists()
 
 
 def test_nan_in_generic_loop_names_later_step():

@@ -19,6 +19,7 @@ so no attention mask is passed (SDPA's causal fast path); length-bucketed batche
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from core.cli import (COUNT, DTYPE_CHOICES, NONNEG, POSITIVE, RATIO, Parser, add_config_flags, check_device,
+                      check_dir, check_file, choose_dtype, number, run_cli)
 from data.sft import (IGNORE_INDEX, PromptTemplate, SFTDataError, collate, encode_pairs,
                       length_bucketed_batches, load_sft_csv, padding_stats, perplexity)
 from train.default_model import DefaultModelSpec, build_default_base, bundled_data_path
@@ -88,22 +91,45 @@ TINY_DEMO = Defaults(lora_r=16, lora_alpha=32, lr=6e-3, epochs=8, batch_size=8, 
                      warmup_ratio=0.05, lora_targets=ALL_NEOX_TARGETS)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.sft", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+# LoopConfig fields that are train.sft flags (types from LoopConfig; None defaults are filled per model by
+# resolve(): the tiny demo's or the original Oh-LoRA's)
+LOOP_FLAGS = {
+    "output_dir": dict(kind="output_dir", default="runs/sft", help="writes OUT/base, OUT/best, OUT/last, "
+                                                                   "OUT/state, log.jsonl, loss.png"),
+    "epochs": dict(range=COUNT, default=None, help=f"default {ORIGINAL.epochs} ({TINY_DEMO.epochs} for the tiny "
+                                                   "default)"),
+    "max_steps": dict(range=COUNT, help="optimizer steps; overrides --epochs"),
+    "lr": dict(range=POSITIVE, default=None, help=f"peak lr, default {ORIGINAL.lr} ({TINY_DEMO.lr} for the tiny "
+                                                  "default)"),
+    "weight_decay": dict(range=NONNEG, help="AdamW weight decay"),
+    "warmup_ratio": dict(range=RATIO, default=None, help=f"share of the steps with linear warmup, default "
+                                                         f"{ORIGINAL.warmup_ratio} ({TINY_DEMO.warmup_ratio} tiny)"),
+    "lr_schedule": dict(choices=("cosine", "linear", "constant"), help="decay after the warmup"),
+    "grad_accum": dict(range=COUNT, help="micro-batches per optimizer step"),
+    "max_grad_norm": dict(range=NONNEG, help="gradient clipping (0 = none)"),
+    "seed": dict(help="adapter init, batch order, dropout"),
+    "resume": dict(kind="dir", help="continue from a state folder (OUT/state of an earlier run)"),
+    "save_state_steps": dict(range=COUNT, help="also save resume state every N steps"),
+    "stop_after_steps": dict(range=COUNT, help=argparse.SUPPRESS),  # simulate an interruption (tests)
+}
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="python -m train.sft", description=__doc__.split("\n\n")[0])
     a = p.add_argument
-    a("--model", help="GPT-NeoX HF folder (config.json, *.safetensors, tokenizer.json); default: build the "
-                      "bundled tiny model into OUT/base")
-    a("--data", help="Q&A CSV (columns split,input_data,output_data; the original's data_type layout works)")
-    a("--input-column", default="input_data")
-    a("--output-column", default="output_data")
+    a("--model", type=check_dir, help="GPT-NeoX HF folder (config.json, *.safetensors, tokenizer.json); default: "
+                                      "build the bundled tiny model into OUT/base")
+    a("--data", type=check_file, help="Q&A CSV (columns split,input_data,output_data; the original's data_type "
+                                      "layout works)")
+    a("--input-column", default="input_data", help="question column")
+    a("--output-column", default="output_data", help="answer column")
     a("--split-column", default=None, help="default: 'split' or 'data_type' if present, else all rows train")
-    a("--output-dir", default="runs/sft")
-    a("--epochs", type=int, help=f"default {ORIGINAL.epochs} ({TINY_DEMO.epochs} for the tiny default)")
-    a("--max-steps", type=int, help="optimizer steps; overrides --epochs")
-    a("--lora-r", type=int, help=f"default {ORIGINAL.lora_r} ({TINY_DEMO.lora_r} for the tiny default)")
-    a("--lora-alpha", type=float, help=f"default {ORIGINAL.lora_alpha} ({TINY_DEMO.lora_alpha} tiny default)")
-    a("--lora-dropout", type=float, default=0.05)
+    add_config_flags(p, LoopConfig, only=tuple(LOOP_FLAGS), overrides=LOOP_FLAGS)
+    a("--lora-r", type=number(int, COUNT), help=f"default {ORIGINAL.lora_r} ({TINY_DEMO.lora_r} for the tiny "
+                                                 "default)")
+    a("--lora-alpha", type=number(float, POSITIVE), help=f"default {ORIGINAL.lora_alpha} ({TINY_DEMO.lora_alpha} "
+                                                          "tiny default)")
+    a("--lora-dropout", type=number(float, "[0, 1)"), default=0.05, help="dropout on the LoRA input")
     a("--lora-init", choices=["kaiming", "gaussian"], default=None,
       help="init of lora_A: kaiming (PEFT's default, ours) or gaussian (the original's); default kaiming")
     a("--original-lora", action="store_true",
@@ -111,36 +137,45 @@ def build_parser() -> argparse.ArgumentParser:
            "(explicit --lora-* flags still win)")
     a("--lora-targets", nargs="+", help="Linear names (suffixes); default all four GPT-NeoX ones; "
                                          "'query_key_value' = the original")
-    a("--lr", type=float, help=f"peak lr, default {ORIGINAL.lr} ({TINY_DEMO.lr} for the tiny default)")
-    a("--weight-decay", type=float, default=0.0)
-    a("--batch-size", type=int, help=f"default {ORIGINAL.batch_size} ({TINY_DEMO.batch_size} tiny default)")
-    a("--grad-accum", type=int, default=1)
-    a("--max-length", type=int, help=f"tokens per example, default {ORIGINAL.max_length}")
-    a("--warmup-ratio", type=float)
-    a("--lr-schedule", default="cosine", choices=["cosine", "linear", "constant"])
-    a("--max-grad-norm", type=float, default=1.0)
-    a("--resume", help="continue from a state folder (OUT/state of an earlier run)")
-    a("--seed", type=int, default=42)
+    a("--batch-size", type=number(int, COUNT), help=f"default {ORIGINAL.batch_size} ({TINY_DEMO.batch_size} tiny "
+                                                     "default)")
+    a("--max-length", type=number(int, "[2, inf)"), help=f"tokens per example, default {ORIGINAL.max_length}")
     a("--bf16", action="store_true", help="bf16 base weights + bf16 autocast (CPU or CUDA); LoRA stays fp32")
     a("--fp16", action="store_true", help="fp16 autocast (CUDA only)")
-    a("--dtype", choices=["fp32", "bf16", "fp16"], help="base weight dtype (default: bf16 with --bf16)")
+    a("--dtype", choices=DTYPE_CHOICES, help="base weight dtype (default: bf16 with --bf16, else fp32; auto: bf16 "
+                                             "where this CPU/GPU runs it natively)")
     a("--grad-checkpointing", action="store_true", help="recompute each layer in backward (less memory)")
-    a("--eval-prompts", type=int, default=3, help="sample answers generated at each eval (0: none)")
-    a("--save-state-steps", type=int, help="also save resume state every N steps")
-    a("--stop-after-steps", type=int, help=argparse.SUPPRESS)  # simulate an interruption (tests)
-    a("--device", default=None, help="cpu / cuda (default: cuda if available)")
-    a("--threads", type=int, help="CPU intra-op threads (default: 1 for the tiny default model — small "
-                                  "matmuls gain little from more and suffer badly on a busy machine; "
-                                  "torch's default otherwise)")
+    a("--eval-prompts", type=number(int, NONNEG), default=3, help="sample answers generated at each eval (0: none)")
+    a("--device", type=check_device, default=None, help="cpu / cuda / cuda:N (default: cuda if available)")
+    a("--threads", type=number(int, COUNT), help="CPU intra-op threads (default: 1 for the tiny default model — "
+                                                 "small matmuls gain little from more and suffer badly on a busy "
+                                                 "machine; torch's default otherwise)")
     a("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP2 (each rank holds 1/N of "
                                           "the base weights) instead of DDP (a full copy per rank)")
-    a("--no-progress", action="store_true")
+    a("--no-progress", action="store_true", help="no progress bar")
     # tiny default model overrides
-    a("--default-layers", type=int, default=DefaultModelSpec.num_hidden_layers)
-    a("--default-hidden", type=int, default=DefaultModelSpec.hidden_size)
-    a("--default-vocab", type=int, default=DefaultModelSpec.vocab_size)
-    a("--default-pretrain-epochs", type=int, default=DefaultModelSpec.pretrain_epochs)
+    a("--default-layers", type=number(int, COUNT), default=DefaultModelSpec.num_hidden_layers)
+    a("--default-hidden", type=number(int, COUNT), default=DefaultModelSpec.hidden_size)
+    a("--default-vocab", type=number(int, COUNT), default=DefaultModelSpec.vocab_size)
+    a("--default-pretrain-epochs", type=number(int, NONNEG), default=DefaultModelSpec.pretrain_epochs)
     return p
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags -> resolved settings; flag combinations that cannot work are `error: --flag: ...` (exit 2)."""
+    parser = build_parser()
+    args = resolve(parser.parse_args(argv))
+    cuda = (args.device or "").startswith("cuda") or (args.device is None and torch.cuda.is_available())
+    if args.bf16 and args.fp16:
+        parser.error("argument --fp16: not together with --bf16 (choose one autocast precision)")
+    if args.fp16 and not cuda:
+        parser.error("argument --fp16: fp16 autocast needs CUDA; on CPU use --bf16")
+    if args.fp16 and args.fsdp:
+        parser.error("argument --fp16: not supported with --fsdp (no sharded grad scaler); use --bf16")
+    args.dtype, note = choose_dtype(args.dtype, "cuda" if cuda else "cpu")
+    if note and os.environ.get("RANK", "0") == "0":
+        print(note, file=sys.stderr)
+    return args
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
@@ -176,10 +211,14 @@ def _load_base_check(model_dir: Path) -> None:
         raise FileNotFoundError(f"{model_dir}: no config.json — not a GPT-NeoX HF model folder")
     if not (model_dir / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{model_dir}: no tokenizer.json next to the model")
+    from gptneox.config import GPTNeoXConfig
+    from gptneox.tokenizer import Tokenizer
+    Tokenizer.from_folder(model_dir).check_fits(GPTNeoXConfig.from_json(model_dir).vocab_size,
+                                                model_dir / "config.json")
 
 
 def run(argv: list[str] | None = None) -> dict:
-    args = resolve(build_parser().parse_args(argv))
+    args = parse(argv)
     info = init_distributed(args.device)
     threads = args.threads or (1 if args.model is None else None)
     if threads:
@@ -236,6 +275,9 @@ def run(argv: list[str] | None = None) -> dict:
             print(f"warning: {n_trunc} example(s) longer than --max-length {args.max_length} were truncated"
                   + (f"; {train_set.n_dropped + valid_set.n_dropped} dropped (no answer token left)"
                      if train_set.n_dropped + valid_set.n_dropped else ""), file=sys.stderr)
+        if data.prompts or data.n_skipped:
+            print(f"note: {data_path}: {len(data.prompts)} row(s) without an answer used only as sample prompts, "
+                  f"{data.n_skipped} row(s) without a question skipped", file=sys.stderr)
         real, padded = padding_stats(length_bucketed_batches(lengths, args.batch_size, args.seed, 0), lengths)
         print(f"model {model_dir} | {report}\n"
               f"data {data_path}: {len(train_set.examples)} train, {len(valid_set.examples)} valid, "
@@ -323,19 +365,11 @@ def run(argv: list[str] | None = None) -> dict:
             "samples": samples_holder.get("samples", []), "out": out}
 
 
+@run_cli(errors=(ResumeError, NonFiniteLossError))  # until train.loop's errors derive from OhLoRAError
 def main(argv: list[str] | None = None) -> int:
     try:
         with fail_fast_on_collective_error():  # a dead / hung rank: one clear line, exit 1, no hang
             run(argv)
-    except (SFTDataError, ResumeError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
     finally:
         from train.distributed import cleanup
         cleanup()
