@@ -111,24 +111,30 @@ def number(kind: type, spec: str | None = None) -> Callable[[str], int | float]:
 
 
 # ---------------------------------------------------------------------------------------- paths and devices
+def _creatable_under(path: Path) -> None:
+    """No existing file among `path`'s parents (a folder cannot be made under a file)."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise argparse.ArgumentTypeError(f"{parent} is a file, so {path} cannot be created under it")
+            return
+
+
 def check_output_dir(text: str) -> str:
     """A folder we may create or replace: not an existing file, and no existing file among its parents."""
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{path} exists and is a file, not a folder")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise argparse.ArgumentTypeError(f"{parent} is a file, so {path} cannot be created under it")
-            break
+    _creatable_under(path)
     return text
 
 
 def check_output_file(text: str) -> str:
+    """A file we may create or replace: not a folder, and no existing file among its parents."""
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{path} is a folder, expected a file")
-    check_output_dir(str(path.parent))
+    _creatable_under(path)
     return text
 
 

@@ -268,7 +268,8 @@ def run(argv: list[str] | None = None) -> dict:
     lengths = [len(e) for e in train_set.examples]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if not train_set.examples:
-        raise SFTDataError(f"{data_path}: no training example left after truncation to {args.max_length}")
+        raise SFTDataError(f"{data_path}: no training example left after truncation to --max-length "
+                           f"{args.max_length} ({train_set.n_dropped} dropped: no answer token left)")
     if info.is_main:
         n_trunc = train_set.n_truncated + valid_set.n_truncated
         if n_trunc:
