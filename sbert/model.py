@@ -209,8 +209,11 @@ class SentenceEncoder(nn.Module):
         return result.numpy() if convert_to_numpy else result
 
     # ---- saving -----------------------------------------------------------------------------------------------
-    def save(self, folder: str | os.PathLike) -> Path:
-        """Write a sentence-transformers folder (legacy dialect + model_max_length), atomically."""
+    def save(self, folder: str | os.PathLike, atomic: bool = True) -> Path:
+        """Write a sentence-transformers folder (legacy dialect + model_max_length), atomically.
+
+        `atomic=False` writes straight into `folder`: for a caller that already writes into a temporary folder
+        it swaps in itself (train.loop.Trainer), so a kill never leaves nested temporary folders behind."""
         folder = Path(folder)
         hidden = self.embedding_dim
 
@@ -239,7 +242,11 @@ class SentenceEncoder(nn.Module):
             _write_json(tmp / "config_sentence_transformers.json",
                         {"prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine"})
 
-        atomic_write_dir(folder, write)
+        if atomic:
+            atomic_write_dir(folder, write)
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            write(folder)
         return folder
 
 

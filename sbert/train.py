@@ -1,7 +1,10 @@
 """Siamese fine-tuning of a sentence encoder on (memory_0, user_prompt_1, similarity_score) pairs.
 
     u = f(memory_0), v = f(user_prompt_1)          f = SentenceEncoder.forward (mean pooling [+ L2])
-    loss = mean_b (cos(u_b, v_b) - score_b)²        sentence-transformers' CosineSimilarityLoss
+    loss = mean_b (cos(u_b, v_b) - score_b)²        sentence-transformers' CosineSimilarityLoss ("cosine-mse")
+
+The loop is train.loop.Trainer (the SFT one): gradient accumulation, resume from OUTPUT/state, autocast, the
+non-finite checks and crash recovery come with it. The loss is a small function chosen by name (`LOSSES`).
 
 Settings follow the original Oh-LoRA run (sentence-transformers `fit`): batch 16, 10 epochs, AdamW lr 2e-5 with
 weight decay 0.01 (none on biases / LayerNorm), linear warmup over the first 10 % of the steps then linear
@@ -27,8 +30,7 @@ import argparse
 import json
 import math
 import sys
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +40,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sbert.evaluate import PairsFileError, bundled_pairs, evaluate, format_table, json_safe, load_pairs, plot_scatter
-from sbert.model import SentenceEncoder
-from core.atomic import atomic_write_dir, atomic_write_text
+from core.atomic import atomic_write_text, clean_stale_temps
 from core.cli import COUNT, NONNEG, POSITIVE, RATIO, Parser, add_config_flags, config_from_args, run_cli
 from core.errors import OhLoRAError
-from train.distributed import (DistInfo, all_reduce_sum, barrier, fail_fast_on_collective_error, init_distributed,
-                               loss_scale, shard, wrap_ddp)
 from core.onednn import invalidate_on_step
 from sbert.bases import default_base
-from train.optim import build_adamw, build_scheduler
-from train.progress import JsonlLogger, plot_curves, progress_bar, read_jsonl
+from sbert.evaluate import PairsFileError, bundled_pairs, evaluate, format_table, json_safe, load_pairs, plot_scatter
+from sbert.model import SentenceEncoder
+from train.distributed import DistInfo, fail_fast_on_collective_error, init_distributed
+from train.loop import LoopConfig, Trainer, TrainResult
 from train.loop import NonFiniteLossError, ResumeError
 
 NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias")  # as sentence-transformers' fit
@@ -83,17 +83,11 @@ class TrainConfig:
     device: str | None = None
     progress: bool = True
     log_every: int = 10
-
-
-@dataclass
-class TrainResult:
-    output: Path
-    best_epoch: int
-    best_valid_mse: float
-    test: dict[str, dict[str, Any]] = field(default_factory=dict)   # {"before": ..., "last": ..., "best": ...}
-    train_pairs_per_s: float = 0.0
-    train_seconds: float = 0.0
-    steps: int = 0
+    loss: str = "cosine-mse"              # a LOSSES name
+    grad_accum: int = 1                   # batches per optimizer step: global batch = batch × accum × ranks
+    precision: str = "fp32"               # fp32 | bf16 | fp16 (autocast; fp16 only on CUDA)
+    resume: str | None = None             # continue from OUTPUT/state of an earlier run
+    save_state_steps: int | None = None   # also save the resume state every N steps (always at epoch ends)
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -173,46 +167,55 @@ def make_batches(pair_len: np.ndarray, batch_size: int, rng: np.random.Generator
     return batches
 
 
-def pair_loss(forward_model: torch.nn.Module, cache: TokenCache, a_ids: np.ndarray, b_ids: np.ndarray,
-              scores: Tensor, allow_split: bool) -> Tensor:
-    """MSE(cos(f(a), f(b)), score) for one batch; each distinct text in the batch is encoded once."""
+def embed_pairs(model: torch.nn.Module, cache: TokenCache, a_ids: np.ndarray,
+                b_ids: np.ndarray, allow_split: bool) -> tuple[Tensor, Tensor]:
+    """(f(a), f(b)), (B, H) each, for one batch; each distinct text in the batch is encoded once."""
     unique, inverse = np.unique(np.concatenate([a_ids, b_ids]), return_inverse=True)
     lengths = cache.lengths[torch.from_numpy(unique)].tolist()
     parts, order = [], []
     for group in plan_forwards(lengths, allow_split):
-        parts.append(forward_model(cache.batch([int(unique[i]) for i in group])))   # (n_g, H)
+        parts.append(model(cache.batch([int(unique[i]) for i in group])))   # (n_g, H)
         order.extend(group)
     emb = torch.cat(parts) if len(parts) > 1 else parts[0]                # rows in `order`
     if order != sorted(order):
         emb = emb[torch.argsort(torch.tensor(order, device=emb.device))]  # back to `unique` order (U, H)
     inverse = torch.from_numpy(inverse).to(emb.device)
-    u, v = emb[inverse[: len(a_ids)]], emb[inverse[len(a_ids):]]         # (B, H) each
+    return emb[inverse[: len(a_ids)]], emb[inverse[len(a_ids):]]
+
+
+# ------------------------------------------------------------------------------------------------ losses
+def cosine_mse(u: Tensor, v: Tensor, scores: Tensor) -> tuple[Tensor, int]:
+    """Σ_b (cos(u_b, v_b) − score_b)² and B: CosineSimilarityLoss as a sum (the Trainer divides by all B)."""
     cos = F.cosine_similarity(u, v, dim=-1)                               # (B,)
-    return F.mse_loss(cos, scores.to(device=cos.device, dtype=cos.dtype))
+    return F.mse_loss(cos, scores.to(device=cos.device, dtype=cos.dtype), reduction="sum"), len(cos)
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW (train/optim.py) with weight decay on weights only, none on biases and LayerNorm."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in named if not any(k in n for k in NO_DECAY)]
-    no_decay = [p for n, p in named if any(k in n for k in NO_DECAY)]
-    optimizer = build_adamw(decay, lr=lr, weight_decay=weight_decay)
-    invalidate_on_step(optimizer, model)  # encoding between steps (validation) re-packs the new weights
-    if no_decay:
-        optimizer.add_param_group({"params": no_decay, "weight_decay": 0.0})
-    return optimizer
+# name -> fn(u (B, H), v (B, H), scores (B,)) -> (summed loss, items counted); the Trainer divides the
+# gradients by the items of the whole global, accumulated batch. A new loss: one function, one entry.
+LOSSES = {"cosine-mse": cosine_mse}
+
+
+class PairLoss(torch.nn.Module):
+    """What train.loop.Trainer drives: forward(a, b, scores) -> (summed loss, pairs).
+
+    a, b: (B,) TokenCache rows (numpy) of memory_0 / user_prompt_1; scores: (B,) float. Under torchrun the
+    Trainer wraps this module in DDP, so split forwards inside one step stay one DDP forward."""
+
+    def __init__(self, model: SentenceEncoder, cache: TokenCache, loss: str = "cosine-mse",
+                 allow_split: bool = True):
+        super().__init__()
+        if loss not in LOSSES:
+            raise TrainSetupError(f"--loss {loss!r}: choose one of {', '.join(LOSSES)}")
+        self.model, self.cache, self.loss_fn, self.allow_split = model, cache, LOSSES[loss], allow_split
+
+    def forward(self, a: np.ndarray, b: np.ndarray, scores: Tensor) -> tuple[Tensor, int]:
+        u, v = embed_pairs(self.model, self.cache, a, b, self.allow_split)
+        return self.loss_fn(u, v, scores)
 
 
 # ---------------------------------------------------------------------------------------------- training
-def save_checkpoint(model: SentenceEncoder, folder: Path, state: dict[str, Any]) -> None:
-    """The sentence-transformers folder plus trainer_state.json, swapped in as one folder."""
-    def write(tmp: Path) -> None:
-        model.save(tmp)
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-    atomic_write_dir(folder, write)
-
-
 def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
+    """Fine-tune; returns train.loop's TrainResult with `test` = the test tables {"before", "last", "best"}."""
     info = info or init_distributed(cfg.device)
     main = info.is_main
     say = print if main else (lambda *a, **k: None)
@@ -231,17 +234,17 @@ def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
     base = Path(cfg.base) if cfg.base else default_base()
     model = SentenceEncoder.load(base, device=info.device)
     model.max_seq_length = cfg.max_seq_length or default_max_seq_length(model)
+    accum = f" × {cfg.grad_accum} accum" if cfg.grad_accum > 1 else ""
     say(f"base {base} | max_seq_length {model.max_seq_length} "
         f"({tokens_per_syllable(model):.1f} tokens per Hangul syllable) | "
-        f"{len(fit_df)} train / {len(valid_df)} valid pairs | batch {cfg.batch_size} × {info.world_size} rank(s) "
-        f"= global batch {cfg.batch_size * info.world_size}{' (DDP)' if info.enabled else ''}")
+        f"{len(fit_df)} train / {len(valid_df)} valid pairs | batch {cfg.batch_size}{accum} × {info.world_size} "
+        f"rank(s) = global batch {cfg.batch_size * cfg.grad_accum * info.world_size}"
+        f"{' (DDP)' if info.enabled else ''}")
 
     out = Path(cfg.output)
-    log_path = out / "log.jsonl"
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        log_path.unlink(missing_ok=True)
-    logger = JsonlLogger(log_path if main else None)
+        for name in ("metrics.json", "test_scatter.png"):  # what a killed run's writers left (the Trainer
+            clean_stale_temps(out / name)                   # cleans state/, best/, last/)
     results: dict[str, dict[str, Any]] = {}
     if test_df is not None:
         results["before"] = evaluate(model, test_df, cfg.eval_batch_size)
@@ -253,81 +256,53 @@ def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
     scores_all = torch.tensor(fit_df["similarity_score"].to_numpy(), dtype=torch.float32)
     lengths = cache.lengths.numpy()
     pair_len = np.maximum(lengths[a_all], lengths[b_all])
+    # one forward per step when distributed (DDP), so no short/long split there
+    loss_module = PairLoss(model, cache, cfg.loss, allow_split=not info.enabled)
 
-    # Under torchrun: DDP over the encoder (one forward per step, hence no split forwards when distributed).
-    forward_model: torch.nn.Module = wrap_ddp(model, info)
-    allow_split = not info.enabled
-    rng = np.random.default_rng(cfg.seed)
-    batches_per_epoch = len(shard(make_batches(pair_len, cfg.batch_size, np.random.default_rng(0), False),
-                                  info.rank, info.world_size))
-    total_steps = batches_per_epoch * cfg.epochs
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
-    scheduler = build_scheduler(optimizer, total_steps, int(cfg.warmup_ratio * total_steps), decay="linear")
+    def batches_for_epoch(epoch: int) -> list[np.ndarray]:  # a pure function of (seed, epoch): resumable
+        return make_batches(pair_len, cfg.batch_size, np.random.default_rng([cfg.seed, epoch]), cfg.bucket)
 
-    best_mse, best_epoch, step, pairs_seen, t_train = math.inf, 0, 0, 0, 0.0
-    bar = progress_bar(total_steps, "sbert train", enabled=main and cfg.progress)
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        batches = shard(make_batches(pair_len, cfg.batch_size, rng, cfg.bucket), info.rank, info.world_size)
-        window_loss, window_n, t0 = 0.0, 0, time.perf_counter()
-        for idx in batches:
-            loss = pair_loss(forward_model, cache, a_all[idx], b_all[idx], scores_all[idx], allow_split)
-            if info.enabled:  # mean over the global batch: this rank's pair-sum × N / all ranks' pairs (DDP ÷ N)
-                factor, _ = loss_scale(len(idx), info)
-                (loss * (len(idx) * factor)).backward()
-            else:
-                loss.backward()
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            pairs_seen += len(idx) * info.world_size
-            window_loss += loss.item() * len(idx)
-            window_n += len(idx)
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
-                total, count = all_reduce_sum([window_loss, window_n], info.device)
-                logger.log(step=step, epoch=epoch, train_loss=total / count, lr=scheduler.get_last_lr()[0])
-                bar.set_postfix(loss=f"{total / count:.4f}")
-                window_loss, window_n = 0.0, 0
-        t_train += time.perf_counter() - t0
+    def collate(idx: np.ndarray) -> dict[str, Any]:
+        return {"a": a_all[idx], "b": b_all[idx], "scores": scores_all[torch.from_numpy(idx)]}
 
-        valid = evaluate(model, valid_df, cfg.eval_batch_size) if len(valid_df) else {"mse": float("nan")}
-        improved = len(valid_df) == 0 or valid["mse"] < best_mse
-        if improved:
-            best_mse, best_epoch = valid["mse"], epoch
-        logger.log(step=step, epoch=epoch, eval_loss=valid["mse"], eval_pearson=valid.get("pearson"))
-        if main:
-            state = {"epoch": epoch, "step": step, "valid": json_safe(valid), "config": asdict(cfg)}
-            save_checkpoint(model, out / "last", state)
-            if improved:
-                save_checkpoint(model, out / "best", state)
-        if main:
-            bar.write(f"epoch {epoch}: valid mse {valid['mse']:.4f}" + (" (best)" if improved else ""))
-        barrier()
-    bar.close()
+    def eval_fn() -> dict[str, Any]:  # the valid MSE is the eval loss; every rank scores the (small) valid set
+        if not len(valid_df):
+            return {}
+        valid = evaluate(model, valid_df, cfg.eval_batch_size)
+        return {"eval_loss": valid["mse"], **{f"eval_{k}": v for k, v in valid.items() if k != "mse"}}
 
-    speed = pairs_seen / t_train if t_train > 0 else 0.0
+    loop = LoopConfig(epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, no_decay=NO_DECAY,
+                      warmup_ratio=cfg.warmup_ratio, lr_schedule="linear", grad_accum=cfg.grad_accum,
+                      max_grad_norm=cfg.max_grad_norm or None, precision=cfg.precision, seed=cfg.seed,
+                      output_dir=str(out), resume=cfg.resume, save_state_steps=cfg.save_state_steps,
+                      eval_at_start=False, log_every=cfg.log_every, progress=cfg.progress, desc="S-BERT")
+    trainer = Trainer(loss_module, loop, batches_for_epoch, eval_fn=eval_fn,
+                      save_fn=lambda folder: model.save(folder, atomic=False),  # the Trainer swaps it in
+                      training_args={"sbert": asdict(cfg), "base": str(base),
+                                     "max_seq_length": model.max_seq_length},
+                      info=info, tokens_in_batch=lambda batch: len(batch["scores"]), collate_fn=collate,
+                      # encoding between steps (validation) re-packs the new weights
+                      on_optimizer=lambda optimizer: invalidate_on_step(optimizer, model))
+    result = trainer.fit()
+
+    best_epoch = round(result.best_epoch or 0)
     if test_df is not None:
         results["last"] = evaluate(model, test_df, cfg.eval_batch_size)
         best_model = SentenceEncoder.load(out / "best", device=info.device)
         results["best"] = evaluate(best_model, test_df, cfg.eval_batch_size, return_predictions=True)
         say(format_table(results))
-    result = TrainResult(output=out, best_epoch=best_epoch, best_valid_mse=best_mse, test=results,
-                         train_pairs_per_s=speed, train_seconds=t_train, steps=step)
+    result.test = results
     if main:
         if test_df is not None:
             plot_scatter(results["best"]["predictions"], test_df["similarity_score"], out / "test_scatter.png",
                          title=f"test pairs, best epoch {best_epoch}")
-        plot_curves(read_jsonl(log_path), out / "loss.png", ys=("train_loss", "eval_loss"), title="S-BERT loss")
-        summary = {"best_epoch": best_epoch, "best_valid_mse": best_mse, "train_pairs_per_s": speed,
-                   "train_seconds": t_train, "steps": step, "max_seq_length": model.max_seq_length,
+        summary = {"best_epoch": best_epoch, "best_valid_mse": result.best_eval_loss,
+                   "train_pairs_per_s": result.train_items_per_s, "train_seconds": result.train_seconds,
+                   "steps": result.global_step, "max_seq_length": model.max_seq_length,
                    "base": str(base), "test": {k: json_safe(v) for k, v in results.items()}}
         atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-        say(f"best epoch {best_epoch} (valid mse {best_mse:.4f}) -> {out / 'best'} | "
-            f"{speed:.1f} train pairs/s")
+        valid = f" (valid mse {result.best_eval_loss:.4f})" if result.best_eval_loss is not None else ""
+        say(f"best epoch {best_epoch}{valid} -> {out / 'best'} | {result.train_items_per_s:.1f} train pairs/s")
     return result
 
 

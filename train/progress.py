@@ -15,8 +15,15 @@ def progress_bar(total: int, desc: str, enabled: bool = True) -> tqdm:
     return tqdm(total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=True)
 
 
+def print_line(text: str) -> None:
+    """Print one line without breaking a running progress bar."""
+    tqdm.write(text)
+
+
 class JsonlLogger:
-    """Appends one JSON object per line (with wall time) to `path`; a no-op when `path` is None."""
+    """Appends one JSON object per line (with wall time) to `path`; a no-op when `path` is None.
+
+    `size()` and `truncate(n)` let a resumed run cut the log back to where its state was saved."""
 
     def __init__(self, path: str | os.PathLike | None):
         self.path = Path(path) if path is not None else None
@@ -30,6 +37,14 @@ class JsonlLogger:
         record = {"time_s": round(time.time() - self._t0, 3), **record}
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def size(self) -> int:
+        return self.path.stat().st_size if self.path is not None and self.path.is_file() else 0
+
+    def truncate(self, n_bytes: int) -> None:
+        """Keep the first `n_bytes` (0: an empty log); never grows the file."""
+        if self.path is not None and self.path.is_file() and self.size() > n_bytes:
+            os.truncate(self.path, n_bytes)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
