@@ -22,8 +22,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.errors import OhLoRAError
 
-class ConfigError(ValueError):
+
+class ConfigError(OhLoRAError):
     """A `config.json` (or GGUF metadata) we cannot turn into a GemmaConfig (the message names the source and key)."""
 
 

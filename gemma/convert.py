@@ -9,15 +9,15 @@ complete (written beside it, then renamed). Bad input: one line on stderr, exit 
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .config import ConfigError
-from .gguf_io import GGUFError, GGUFFile
+from core.cli import Parser, check_file, check_output_dir, run_cli
+
+from .gguf_io import GGUFFile
 from .load import load_gguf, save_pretrained
 from .tokenizer import tokenizer_files, tokenizer_from_gguf
 
@@ -32,22 +32,17 @@ def convert(gguf: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.fl
     return save_pretrained(model, out_dir, extra_files=files)
 
 
+@run_cli  # GGUFError / ConfigError (OhLoRAError) and OSError -> `error: <file>: <problem>`, exit 2
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m gemma.convert", description=__doc__.split("\n\n")[0])
-    ap.add_argument("gguf", type=Path, help="a Gemma-2 / Gemma-3 .gguf file")
-    ap.add_argument("out_dir", type=Path, help="HF folder to write (files replaced atomically if it exists)")
+    ap = Parser(prog="python -m gemma.convert", description=__doc__.split("\n\n")[0])
+    ap.add_argument("gguf", type=check_file, metavar="FILE.gguf", help="a Gemma-2 / Gemma-3 .gguf file")
+    ap.add_argument("out_dir", type=check_output_dir, metavar="OUT_DIR",
+                    help="HF folder to write (files replaced atomically if it exists)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
-                    help="weights dtype (default fp32: the dequantised values exactly)")
+                    help="weights dtype (fp32: the dequantised values exactly)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    try:
-        folder = convert(args.gguf, args.out_dir, DTYPES[args.dtype])
-    except (GGUFError, ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {args.out_dir}: cannot write ({e.strerror or e})", file=sys.stderr)
-        return 2
+    folder = convert(args.gguf, args.out_dir, DTYPES[args.dtype])
     print(f"wrote {folder} ({args.dtype}) from {args.gguf} in {time.perf_counter() - t0:.1f} s")
     return 0
 

@@ -22,6 +22,8 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
+from core.errors import OhLoRAError
+
 from .gguf_io import GGUFError, GGUFFile
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types
@@ -29,7 +31,7 @@ SPECIAL_ROLES = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_
                  "pad_token": "padding_token_id"}
 
 
-class TokenizerError(ValueError):
+class TokenizerError(OhLoRAError):
     """A tokenizer source we cannot use (the message names the file and the problem)."""
 
 
