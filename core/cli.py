@@ -174,6 +174,8 @@ def check_device(text: str) -> str:
     return text
 
 
+_METAVARS = {"output_dir": "DIR", "dir": "DIR", "file": "FILE", "output_file": "FILE", "device": "DEVICE",
+             int: "N", float: "X", str: None}
 KINDS: dict[str, Callable[[str], str]] = {"output_dir": check_output_dir, "output_file": check_output_file,
                                           "dir": check_dir, "file": check_file, "device": check_device}
 
@@ -208,7 +210,8 @@ class _HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if (action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text
+        if (action.default is not None and action.default is not False and action.default != argparse.SUPPRESS
+                and "%(default)" not in text
                 and action.option_strings and not isinstance(action, argparse.BooleanOptionalAction)):
             text += " (default: %(default)s)"
         return text
@@ -308,8 +311,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config: type, *, only: tup
                 kw["choices"] = tuple(choices)
             if sequence:
                 kw["nargs"] = "+"
-            if meta.get("metavar"):
-                kw["metavar"] = meta["metavar"]
+            kw["metavar"] = meta.get("metavar") or _METAVARS.get(meta.get("kind") or base)
         target.add_argument(*names, **kw)
         if isinstance(parser, Parser):
             for alias in names[1:]:

@@ -109,6 +109,14 @@ def edit_json(path: Path, change: Callable[[object], object]) -> None:
     path.write_text(json.dumps(change(json.loads(path.read_text(encoding="utf-8")))), encoding="utf-8")
 
 
+def extend_tokenizer(folder: Path, n: int = 40) -> None:
+    """Add tokens past the model's vocabulary (ids 300..339 for vocab_size 320): a foreign tokenizer."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.add_tokens([f"<extra_{i}>" for i in range(n)])
+    tok.save(str(folder / "tokenizer.json"))
+
+
 def first_float(tensors: dict) -> str:
     return next(k for k, v in sorted(tensors.items()) if v.is_floating_point())
 
@@ -318,8 +326,7 @@ neox("only pickle weights", lambda f: (f / ST).rename(f / "pytorch_model.bin"), 
 neox("garbage tokenizer.json", lambda f: (f / "tokenizer.json").write_text("{not a tokenizer"),
      lambda f: [str(f / "tokenizer.json")])
 neox("no tokenizer.json", lambda f: (f / "tokenizer.json").unlink(), lambda f: [str(f), "tokenizer.json"])
-neox("tokenizer ids beyond vocab_size", lambda f: edit_json(f / "config.json", lambda d: {**d, "vocab_size": 200}),
-     lambda f: [str(f / "tokenizer.json"), str(f / "config.json")])
+neox("tokenizer ids beyond vocab_size", extend_tokenizer, lambda f: [str(f / "tokenizer.json"), str(f / "config.json")])
 neox("tokenizer_config.json invalid", lambda f: (f / "tokenizer_config.json").write_text("[1,"),
      lambda f: [str(f / "tokenizer_config.json")])
 neox("eos token not in vocabulary", lambda f: edit_json(f / "tokenizer_config.json", lambda d: {**d,
@@ -327,8 +334,8 @@ neox("eos token not in vocabulary", lambda f: edit_json(f / "tokenizer_config.js
      lambda f: [str(f), "<nope>"])
 neox("NaN weights", lambda f: edit_tensors(f / ST, nan_first), lambda f: [str(f / ST), "NaN"], cli="chat")
 neox("truncated safetensors", lambda f: truncate(f / ST), lambda f: [str(f / ST)], cli="chat")
-neox("tokenizer ids beyond vocab_size", lambda f: edit_json(f / "config.json", lambda d: {**d, "vocab_size": 200}),
-     lambda f: [str(f / "tokenizer.json")], cli="chat")
+neox("tokenizer ids beyond vocab_size", extend_tokenizer, lambda f: [str(f / "tokenizer.json"), str(f / "config.json")],
+     cli="chat")
 
 
 # adapters (chat --adapter) -------------------------------------------------------------------------------------
