@@ -49,7 +49,6 @@ from sbert.evaluate import PairsFileError, bundled_pairs, evaluate, format_table
 from sbert.model import SentenceEncoder
 from train.distributed import DistInfo, fail_fast_on_collective_error, init_distributed
 from train.loop import LoopConfig, Trainer, TrainResult
-from train.loop import NonFiniteLossError, ResumeError
 
 NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias")  # as sentence-transformers' fit
 HANGUL_PROBE = "오늘 일정은 친구랑 카페에 가는 거야"
@@ -361,7 +360,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return config_from_args(TrainConfig, build_parser().parse_args(argv))
 
 
-@run_cli(errors=(ResumeError, NonFiniteLossError))  # until train.loop's errors derive from OhLoRAError
+@run_cli  # OhLoRAError (bad data, base, --resume; a diverged run: exit 1) / OSError -> one line
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
