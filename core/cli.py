@@ -139,7 +139,10 @@ def check_output_file(text: str) -> str:
 
 
 def check_dir(text: str) -> str:
-    if not Path(text).is_dir():
+    path = Path(text)
+    if not path.exists() and path.with_name(f".{path.name}.old").is_dir():
+        return text  # a folder swap a kill interrupted: core.atomic.recover_dir brings it back on use
+    if not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: folder not found" if not Path(text).exists()
                                          else f"{text} is a file, expected a folder")
     return text

@@ -246,8 +246,6 @@ def test_corrupt_state_is_a_resume_error_naming_the_file(sft_inputs, tmp_path):
         assert "\n" not in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason="core.cli's --resume check (kind='dir') refuses OUT/state while a killed swap "
-                                       "left only OUT/.state.old; the Trainer would recover it (recover_dir)")
 def test_sft_resume_flag_accepts_a_state_mid_swap(sft_inputs, tmp_path, capsys):
     """A kill between the two renames of a state swap leaves only `.state.old`: `--resume OUT/state` continues."""
     from train.sft import main
