@@ -60,15 +60,16 @@ def worker(args: argparse.Namespace) -> None:
         from lora import LoRAConfig, inject_lora
 
         dtype = torch.bfloat16 if args.bf16 else torch.float32
+        from train.models import inspect_model
         lora_cfg = LoRAConfig(r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0,
-                              target_modules=["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"])
+                              target_modules=list(inspect_model(args.model).lora_targets))
         t0 = time.perf_counter()
         if args.worker == "fsdp" and info.enabled:
             from train.fsdp_model import build_fsdp_lora_model
             _, module, _ = build_fsdp_lora_model(args.model, dtype, lora_cfg, 0, info, CausalLMLoss)
         else:
-            from gptneox.load import load_model
-            model = load_model(args.model, dtype=dtype, device=info.device)
+            from train.models import load_base_model
+            model = load_base_model(args.model, dtype=dtype, device=info.device)
             torch.manual_seed(0)
             inject_lora(model, lora_cfg)
             module = CausalLMLoss(model)

@@ -89,8 +89,8 @@ CPU_SHARE: list[float] = []  # CPU seconds / wall seconds of each timed call: < 
 @torch.inference_mode()
 def ours_greedy(model: GPTNeoXForCausalLM, prompt: torch.Tensor, steps: int) -> torch.Tensor:
     cache = model.new_cache()
-    h = model.gpt_neox(prompt, cache=cache)
-    token = model.embed_out(h[:, -1:]).argmax(-1)  # (B, 1)
+    h = model.hidden_states(prompt, cache=cache)  # (B, T, H)
+    token = model.logits(h[:, -1:]).argmax(-1)    # (B, 1): the LM head on the last position only
     out = [token]
     for _ in range(steps - 1):
         token = model(token, cache=cache)[:, -1:].argmax(-1)

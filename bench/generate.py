@@ -57,6 +57,7 @@ def build_models(num_layers: int | None = None, seed: int = 0):
     from transformers import GPTNeoXForCausalLM as HFModel
 
     from gptneox.config import GPTNeoXConfig
+    from gptneox.load import KEY_ALIASES
     from gptneox.model import GPTNeoXForCausalLM
 
     config = GPTNeoXConfig.polyglot_ko_1_3b()
@@ -71,7 +72,7 @@ def build_models(num_layers: int | None = None, seed: int = 0):
         torch.set_default_dtype(default)
     with torch.device("meta"):
         ours = GPTNeoXForCausalLM(config)
-    hf_state = {("embed_out.weight" if k == "lm_head.weight" else k): v for k, v in hf.state_dict().items()}
+    hf_state = {KEY_ALIASES.get(k, k): v for k, v in hf.state_dict().items()}  # transformers 5's lm_head name
     wanted = ours.state_dict().keys()
     missing = set(wanted) - set(hf_state)
     if missing:
@@ -91,7 +92,9 @@ def _shared_copy(model):
 
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
     """Bytes of every parameter a decode step reads (all but the input embedding, a row gather)."""
-    skip = {id(model.gpt_neox.embed_in.weight)} - {id(model.embed_out.weight)}
+    # the input embedding is a row gather, unless it is also the (tied) LM head, which every step reads whole
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    skip = embeddings - {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
     seen: set[int] = set()
     total = 0
     for p in model.parameters():

@@ -73,7 +73,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--r", type=int, default=128)
-    p.add_argument("--targets", nargs="+", default=list(lora.GPT_NEOX_TARGETS))
+    p.add_argument("--targets", nargs="+", default=list(GPTNeoXForCausalLM.LORA_TARGETS))
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)

@@ -92,7 +92,7 @@ def run_ours(args) -> dict:
     model = GPTNeoXForCausalLM(config)
     torch.set_default_dtype(default)
     inject_lora(model, LoRAConfig(r=128, alpha=16, dropout=0.05, target_modules=["query_key_value"]))
-    model.gpt_neox.gradient_checkpointing = args.grad_checkpointing
+    model.gradient_checkpointing = args.grad_checkpointing
     loss_module = CausalLMLoss(model)
     lengths = [len(e) for e in exs]
 

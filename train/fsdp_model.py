@@ -1,12 +1,13 @@
-"""Build a LoRA-injected GPT-NeoX *already sharded* by FSDP2, never holding the full base on any rank.
+"""Build a LoRA-injected causal LM (any family, from an HF folder) *already sharded* by FSDP2, never holding the
+full base on any rank.
 
-The plain path (`gptneox.load.load_model`, then `inject_lora`, then `fully_shard`) would put the whole base in
+The plain path (`train.models.load_causal_lm`, then `inject_lora`, then `fully_shard`) would put the whole base in
 every rank's memory before sharding it — the peak that FSDP is meant to remove. Here instead:
 
 1. the model is built on the meta device (no memory) and LoRA is injected with the same seed as the plain
    path; the adapter's initial values are computed for real on stand-in base weights that occupy one element
    each (stride-0 views), so they equal the plain path's bit for bit;
-2. `apply_fsdp` shards the meta model (each transformer layer, then the root), `to_empty` gives every rank
+2. `apply_fsdp` shards the meta model (each of the contract's `model.layers`, then the root), `to_empty` gives every rank
    storage for its 1/N shards only;
 3. the checkpoint is read one tensor at a time, each rank reading only the rows of its own shard (safetensors
    slices), so a rank's peak is its shards plus one tensor's shard.
@@ -14,7 +15,6 @@ every rank's memory before sharding it — the peak that FSDP is meant to remove
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -26,26 +26,22 @@ from train.distributed import DistInfo, apply_fsdp, load_full_tensor
 
 def build_fsdp_lora_model(model_dir: str | os.PathLike, dtype: torch.dtype, lora_config, seed: int,
                           info: DistInfo, make_root: Callable[[nn.Module], nn.Module]):
-    """-> (model, root, report): `model` the GPTNeoXForCausalLM with LoRA, `root = make_root(model)` (e.g. the
+    """-> (model, root, report): `model` the family's causal LM with LoRA, `root = make_root(model)` (e.g. the
     loss module the trainer calls) sharded with FSDP2 over the ranks of `info`, `report` inject_lora's.
 
-    Same weights as `load_model(model_dir, dtype)` + `torch.manual_seed(seed)` + `inject_lora(model, config)`.
+    Same weights as `load_causal_lm(model_dir, dtype)` + `torch.manual_seed(seed)` + `inject_lora(model, config)`.
     """
-    from gptneox.config import GPTNeoXConfig
-    from core.safetensors_io import CheckpointError, SafetensorsFile, match_keys, weight_files
-    from gptneox.load import IGNORED_KEY, KEY_ALIASES, expected_shapes
-    from gptneox.model import GPTNeoXForCausalLM
+    from core.safetensors_io import CheckpointError
     from lora import inject_lora
     from lora.inject import lora_layers, plan_injection
+    from train.models import inspect_model, match_checkpoint
 
-    model_dir = Path(model_dir)
-    config = GPTNeoXConfig.from_json(model_dir / "config.json")
+    source = inspect_model(model_dir)
+    model_dir = source.path
     # the one strict key/shape check, from the headers, before anything is allocated
-    optional = {"embed_out.weight"} if config.tie_word_embeddings else set()
-    found = match_keys([SafetensorsFile(p) for p in weight_files(model_dir)], expected_shapes(config), model_dir,
-                       aliases=KEY_ALIASES, ignored=IGNORED_KEY, optional=optional)
+    config, found = match_checkpoint(source)
     with torch.device("meta"):
-        model = GPTNeoXForCausalLM(config).to(dtype)
+        model = source.model_class(config).to(dtype)
     model.eval()  # as load_model returns it; the trainer switches to train()
 
     # 1) LoRA values as the plain path makes them: stand-in base weights on the real device, 1 element each
@@ -62,7 +58,7 @@ def build_fsdp_lora_model(model_dir: str | os.PathLike, dtype: torch.dtype, lora
 
     # 2) shard the meta model, then give each rank storage for its shards only
     root = make_root(model)
-    apply_fsdp(root, info, list(model.gpt_neox.layers), sync_trainable=False)
+    apply_fsdp(root, info, list(model.layers), sync_trainable=False)
     root.to_empty(device=info.device)
 
     # 3) fill the shards: checkpoint tensors one at a time, then the adapter's initial values
@@ -70,7 +66,7 @@ def build_fsdp_lora_model(model_dir: str | os.PathLike, dtype: torch.dtype, lora
     for path in dict.fromkeys(f.path for f, _ in found.values()):
         with safe_open(str(path), framework="pt") as f:
             for key, (owner, file_key) in found.items():
-                if owner.path == path and key in params:  # a tied embed_out is embed_in's Parameter
+                if owner.path == path and key in params:  # a tied LM head is the embedding's Parameter
                     _load_shard(f, file_key, params[key], info.device, dtype)
     for name, value in lora_init.items():
         load_full_tensor(params[name], value)

@@ -37,6 +37,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from core.causal_lm import CausalLM
 from core.cli import COUNT, NONNEG, POSITIVE, check_config, flag
 
 StreamFn = Callable[[int, str], None]
@@ -234,11 +235,11 @@ class GenerationOutput:
 
 def _last_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                  position_ids: torch.Tensor, cache) -> torch.Tensor:
-    """(B,V) logits of the last position; the LM head runs on that position only when the model allows it."""
-    body, head = getattr(model, "gpt_neox", None), getattr(model, "embed_out", None)
-    if body is not None and head is not None:
-        hidden = body(input_ids, attention_mask, position_ids, cache)         # (B,T,H)
-        return head(hidden[:, -1, :])                                         # (B,V)
+    """(B,V) logits of the last position. A model following the causal-LM contract (core/causal_lm.py) runs
+    its LM head on that position only; any other module returning (B,T,V) logits works too (scripted tests)."""
+    if isinstance(model, CausalLM):
+        hidden = model.hidden_states(input_ids, attention_mask, position_ids, cache)  # (B,T,H)
+        return model.logits(hidden[:, -1, :])                                         # (B,V)
     return model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache)[:, -1, :]
 
 

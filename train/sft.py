@@ -1,4 +1,4 @@
-"""`python -m train.sft`: LoRA supervised fine-tuning of a GPT-NeoX model on Q&A pairs.
+"""`python -m train.sft`: LoRA supervised fine-tuning of a causal LM (GPT-NeoX or Gemma) on Q&A pairs.
 
 With no `--model` it builds the bundled tiny default (see train/default_model.py) into OUT/base and fine-tunes
 it with settings that visibly learn in ~2 minutes on 2 CPU cores. With `--model DIR` (any GPT-NeoX HF folder,
@@ -11,8 +11,12 @@ Output (OUT = --output-dir, default runs/sft):
     OUT/state/         resume state (--resume OUT/state)
     OUT/log.jsonl      one JSON line per step / eval;   OUT/loss.png  the loss curves
 
-Speed: the loss module runs the transformer (`model.gpt_neox`) once, gathers the hidden states of the
-positions that carry a label (the answer), and applies the LM head + cross-entropy only there, in chunks —
+Any model family loads (train/models.py reads it from the checkpoint: an HF folder's config.json or a GGUF
+file); everything here uses only the causal-LM contract (core/causal_lm.py).
+
+Speed: the loss module runs the transformer (`model.hidden_states`) once, gathers the hidden states of the
+positions that carry a label (the answer), and applies the LM head (`model.logits`) + cross-entropy only there,
+in chunks —
 never a (B, T, vocab) logits tensor. Right padding with causal attention means real tokens never see a pad,
 so no attention mask is passed (SDPA's causal fast path); length-bucketed batches keep pads rare.
 """
@@ -36,19 +40,17 @@ from train.default_model import DefaultModelSpec, build_default_base, bundled_da
 from train.distributed import (all_reduce_sum, fail_fast_on_collective_error, init_distributed, on_main,
                                shard_for_eval)
 from train.loop import LoopConfig, NonFiniteLossError, ResumeError, Trainer
-
-ORIGINAL_TARGETS = ["query_key_value"]
-ALL_NEOX_TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+from train.models import inspect_model, load_causal_lm, load_tokenizer
 
 
 class CausalLMLoss(torch.nn.Module):
     """Summed next-token cross-entropy over the labelled positions only.
 
     input_ids, labels: (B, T), right-padded; labels[b, t] = -100 where no loss. Position t predicts token t+1:
-        hidden = gpt_neox(input_ids[:, :-1])             (B, T-1, H)
+        hidden = model.hidden_states(input_ids[:, :-1])  (B, T-1, H)
         keep   = labels[:, 1:] != -100                   (B, T-1)
         h      = hidden[keep]                            (N, H)   N = answer tokens in the batch
-        loss   = Σ CE(embed_out(h) , labels[:, 1:][keep])  over chunks of ≤ `chunk` rows, logits in fp32
+        loss   = Σ CE(model.logits(h), labels[:, 1:][keep])  over chunks of ≤ `chunk` rows, logits in fp32
     Returns (loss_sum, N). Equal to F.cross_entropy over the full logits with ignore_index=-100, times N.
     """
 
@@ -60,14 +62,14 @@ class CausalLMLoss(torch.nn.Module):
                 attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         # attention_mask is not needed: pads sit on the right and attention is causal (see module doc).
         # The last column predicts nothing (causal: no earlier position needs it either), so it is not fed.
-        hidden = self.model.gpt_neox(input_ids[:, :-1])             # (B, T-1, H)
+        hidden = self.model.hidden_states(input_ids[:, :-1])        # (B, T-1, H)
         targets = labels[:, 1:]                                     # (B, T-1)
         keep = targets != IGNORE_INDEX
         h = hidden[keep]                                            # (N, H)
         y = targets[keep]                                           # (N,)
         total = hidden.new_zeros((), dtype=torch.float32)
         for s in range(0, y.numel(), self.chunk):
-            logits = self.model.embed_out(h[s:s + self.chunk]).float()  # (n, V)
+            logits = self.model.logits(h[s:s + self.chunk]).float()     # (n, V) (soft-capped if the family does)
             total = total + F.cross_entropy(logits, y[s:s + self.chunk], reduction="sum")
         return total, int(y.numel())
 
@@ -82,13 +84,13 @@ class Defaults:
     batch_size: int
     max_length: int
     warmup_ratio: float
-    lora_targets: list
+    lora_targets: list | None  # None: the model family's own default (the contract's LORA_TARGETS)
 
 
 ORIGINAL = Defaults(lora_r=128, lora_alpha=16, lr=2e-4, epochs=3, batch_size=4, max_length=512,
-                    warmup_ratio=0.03, lora_targets=ALL_NEOX_TARGETS)
+                    warmup_ratio=0.03, lora_targets=None)
 TINY_DEMO = Defaults(lora_r=16, lora_alpha=32, lr=6e-3, epochs=8, batch_size=8, max_length=256,
-                     warmup_ratio=0.05, lora_targets=ALL_NEOX_TARGETS)
+                     warmup_ratio=0.05, lora_targets=None)
 
 
 # LoopConfig fields that are train.sft flags (types from LoopConfig; None defaults are filled per model by
@@ -196,27 +198,6 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def _load_base(model_dir: Path, dtype: torch.dtype, device: torch.device):
-    from gptneox.load import load_model
-    from gptneox.tokenizer import Tokenizer
-
-    _load_base_check(model_dir)
-    return load_model(model_dir, dtype=dtype, device=device), Tokenizer.from_folder(model_dir)
-
-
-def _load_base_check(model_dir: Path) -> None:
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"{model_dir}: --model folder not found")
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: no config.json — not a GPT-NeoX HF model folder")
-    if not (model_dir / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: no tokenizer.json next to the model")
-    from gptneox.config import GPTNeoXConfig
-    from gptneox.tokenizer import Tokenizer
-    Tokenizer.from_folder(model_dir).check_fits(GPTNeoXConfig.from_json(model_dir).vocab_size,
-                                                model_dir / "config.json")
-
-
 def run(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     info = init_distributed(args.device)
@@ -238,29 +219,31 @@ def run(argv: list[str] | None = None) -> dict:
         model_dir = Path(args.model)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     from lora import LoRAConfig, inject_lora, save_adapter
-    lora_cfg = LoRAConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                          target_modules=list(args.lora_targets),
-                          init="gaussian" if args.lora_init == "gaussian" else True)
     fsdp = args.fsdp and info.enabled
     if args.fsdp and not info.enabled and info.is_main:
         print("note: --fsdp needs several processes (torchrun --nproc-per-node N); running one plain process",
               file=sys.stderr)
+    # the family comes from the checkpoint (train/models.py); from here on only the causal-LM contract is used
+    source = inspect_model(model_dir)
+    targets = list(args.lora_targets or source.lora_targets)
+    args.lora_targets = targets  # recorded in training_args.json
+    lora_cfg = LoRAConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, target_modules=targets,
+                          init="gaussian" if args.lora_init == "gaussian" else True)
     if fsdp:
         if args.precision == "fp16":
             raise ValueError("--fp16 with --fsdp is not supported (no sharded grad scaler); use --bf16")
-        from gptneox.tokenizer import Tokenizer
         from train.fsdp_model import build_fsdp_lora_model
-        _load_base_check(model_dir)
+        tokenizer = load_tokenizer(source)
         # built on the meta device and sharded before any weight is read: no rank ever holds the whole base
         model, loss_module, report = build_fsdp_lora_model(model_dir, dtype, lora_cfg, args.seed, info,
                                                            CausalLMLoss)
-        tokenizer = Tokenizer.from_folder(model_dir)
+        tokenizer.check_fits(model.config.vocab_size, model_dir / "config.json")
     else:
-        model, tokenizer = _load_base(model_dir, dtype, info.device)
+        model, tokenizer = load_causal_lm(model_dir, dtype, info.device)
         torch.manual_seed(args.seed)  # the adapter's A init
         report = inject_lora(model, lora_cfg)
         loss_module = CausalLMLoss(model)  # the Trainer wraps it in DDP under torchrun
-    model.gpt_neox.gradient_checkpointing = bool(args.grad_checkpointing)
+    model.gradient_checkpointing = bool(args.grad_checkpointing)
 
     template = PromptTemplate()
     train_set = encode_pairs(tokenizer, template, data.train, args.max_length)
