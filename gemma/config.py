@@ -15,7 +15,6 @@ shape-defining keys must be given; a wrong default elsewhere in the shape is cau
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import OhLoRAError
+from core.jsonio import read_json
 
 
 class ConfigError(OhLoRAError):
@@ -203,11 +203,7 @@ class GemmaConfig:
             path = path / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: config.json not found")
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{path}: not valid JSON: {e}") from None
-        return cls.from_dict(d, source=str(path))
+        return cls.from_dict(read_json(path, ConfigError, expect=None), source=str(path))
 
     # ---- writing -------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

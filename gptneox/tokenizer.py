@@ -6,7 +6,6 @@ Ids equal `transformers.PreTrainedTokenizerFast(tokenizer_file=...)`'s for the s
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 from tokenizers import Tokenizer as RawTokenizer
 
 from core.errors import OhLoRAError
+from core.jsonio import read_json
 
 DEFAULT_EOS = "<|endoftext|>"
 
@@ -29,13 +29,7 @@ def _token_content(value) -> str | None:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise TokenizerError(f"{path}: expected a JSON object")
-    return d
+    return read_json(path, TokenizerError)
 
 
 class Tokenizer:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -23,6 +23,7 @@ from torch import nn
 
 from core.atomic import atomic_write_file
 from core.errors import OhLoRAError
+from core.jsonio import read_json
 
 from .config import LoRAConfig
 from .inject import inject_lora, lora_layers, plan_injection, unwrap
@@ -147,13 +148,7 @@ def read_adapter_config(folder: str | os.PathLike) -> LoRAConfig:
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no adapter config here (is {folder} a PEFT/LoRA adapter folder?)")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise AdapterError(f"{path}: expected a JSON object")
-    return config_from_peft_dict(d, str(path))
+    return config_from_peft_dict(read_json(path, AdapterError), str(path))
 
 
 def _listing(keys: list[str], limit: int = 6) -> str:

@@ -15,7 +15,6 @@ fails on any other missing or unexpected key.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.safetensors_io import CheckpointError, SafetensorsFile, match_keys, read_state, weight_files
+from core.jsonio import read_json
 from core.onednn import FUSED_ACTIVATIONS, PackCache, invalidate_packs, plain_linear, use_fast_path
 
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
@@ -107,13 +107,7 @@ class EncoderConfig:
         path = Path(path)
         if not path.is_file():
             raise EncoderLoadError(f"{path}: config.json not found")
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise EncoderLoadError(f"{path}: invalid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise EncoderLoadError(f"{path}: expected a JSON object, got {type(d).__name__}")
-        return cls.from_dict(d, source=str(path))
+        return cls.from_dict(read_json(path, EncoderLoadError), source=str(path))
 
     def to_hf_dict(self) -> dict[str, Any]:
         d = dict(self.extra)

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from sbert.encoder import BertEncoder, EncoderLoadError, load_encoder, save_encoder_weights
 from sbert.tokenizer import SentenceTokenizer
 from core.atomic import atomic_write_dir
+from core.jsonio import read_json
 
 MODULE_KINDS = ("Transformer", "Pooling", "Normalize")
 LEGACY_TYPES = {k: f"sentence_transformers.models.{k}" for k in MODULE_KINDS}
@@ -45,11 +46,9 @@ class SentenceModelError(EncoderLoadError):
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return read_json(path, SentenceModelError, expect=None)
     except FileNotFoundError:
         raise SentenceModelError(f"{path}: file not found") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SentenceModelError(f"{path}: invalid JSON ({e})") from None
     except IsADirectoryError:
         raise SentenceModelError(f"{path}: is a folder, expected a JSON file") from None
 

@@ -18,6 +18,7 @@ from tokenizers import Encoding, Tokenizer, decoders, models, normalizers, pre_t
 from torch import Tensor
 
 from core.errors import OhLoRAError
+from core.jsonio import read_json
 
 
 class TokenizerLoadError(OhLoRAError):
@@ -34,10 +35,7 @@ def _token_str(value: Any) -> str | None:
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise TokenizerLoadError(f"{path}: invalid JSON ({e})") from None
+    return read_json(path, TokenizerLoadError)
 
 
 def _has_lowercase(normalizer: Any) -> bool:

@@ -16,7 +16,6 @@ the model themselves (train/fsdp_model.py: on the meta device, then shard by sha
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 
 from core.errors import OhLoRAError
+from core.jsonio import read_json
 
 # config.json model_type -> the package that implements it
 HF_FAMILIES = {"gpt_neox": "gptneox", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma"}
@@ -73,10 +73,7 @@ def inspect_model(path: str | os.PathLike) -> ModelSource:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise ModelPathError(f"{path}: no config.json — not an HF model folder (nor a .gguf file)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelPathError(f"{config_path}: not valid JSON: {e}") from None
+    config = read_json(config_path, ModelPathError, expect=None)
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type not in HF_FAMILIES:
         raise ModelPathError(f"{config_path}: model_type {model_type!r} is not supported "

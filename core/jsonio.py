@@ -1,0 +1,21 @@
+"""Reading the small JSON files of model, adapter and tokenizer folders, with one-line errors naming the file."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def read_json(path: str | os.PathLike, error: type[Exception], *, expect: type | None = dict) -> Any:
+    """The JSON value in `path`; `error(f"{path}: ...")` when it is not UTF-8 JSON or (with `expect`) not of that
+    type. A missing file is the caller's to report (each says what the folder should have held)."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: not valid JSON: {e}") from None
+    if expect is not None and not isinstance(value, expect):
+        kind = "an object" if expect is dict else f"a {expect.__name__}"
+        raise error(f"{path}: expected {kind} in JSON, got {type(value).__name__}")
+    return value
