@@ -45,3 +45,73 @@ class CausalLM(Protocol):
 
     @property
     def family(self) -> str: ...
+
+
+class DecoderLM(nn.Module):
+    """The plumbing every family's `…ForCausalLM` shares, so the family file holds only its own math.
+
+    A subclass sets `BODY` (the attribute holding embeddings + layers + final norm, e.g. "gpt_neox" or "model"),
+    `HEAD` (the output Linear, "embed_out" / "lm_head"), `EMBEDDING` (the input table's path, tied to the head
+    when `config.tie_word_embeddings`) and `LORA_TARGETS`; it may override `logits` (Gemma 2 soft-caps)."""
+
+    BODY: str
+    HEAD: str
+    EMBEDDING: str
+    LORA_TARGETS: tuple[str, ...] = ()
+
+    def tie_weights(self) -> None:
+        """With tie_word_embeddings the output projection is the input embedding matrix (one Parameter)."""
+        if self.config.tie_word_embeddings:
+            getattr(self, self.HEAD).weight = self.get_submodule(self.EMBEDDING).weight
+
+    def _apply(self, fn, recurse=True):
+        # .to()/.to_empty()/.half() visit the shared Parameter once per owner and may give each owner its own
+        # copy (to_empty from meta does): re-tie afterwards.
+        result = super()._apply(fn, recurse)
+        self.tie_weights()
+        return result
+
+    @property
+    def family(self) -> str:
+        return self.config.model_type
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.config.num_hidden_layers)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> final-norm hidden states (B, T, H)."""
+        return getattr(self, self.BODY)(input_ids, attention_mask, position_ids, cache)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> (..., V)."""
+        return getattr(self, self.HEAD)(hidden)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """input_ids (B, T), attention_mask (B, past + T) of 1/0 -> logits (B, T, V)."""
+        return self.logits(self.hidden_states(input_ids, attention_mask, position_ids, cache))
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return getattr(self, self.BODY).layers
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return getattr(self, self.BODY).gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        getattr(self, self.BODY).gradient_checkpointing = bool(value)
+
+    def num_parameters(self) -> int:
+        """Distinct parameters (a tied embedding counts once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def device(self) -> torch.device:
+        return getattr(self, self.HEAD).weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(self, self.HEAD).weight.dtype

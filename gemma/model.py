@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from core.causal_lm import DecoderLM
 from core.kv_cache import KVCache
 from core.masks import attention_mask_for_sdpa
 from core.rotary import RotaryEmbedding, apply_rotary
@@ -194,7 +195,10 @@ class GemmaModel(nn.Module):
         return self.norm(x)
 
 
-class GemmaForCausalLM(nn.Module):
+class GemmaForCausalLM(DecoderLM):
+    BODY, HEAD, EMBEDDING = "model", "lm_head", "model.embed_tokens"  # the contract's plumbing: core/causal_lm.py
+    LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
     def __init__(self, config: GemmaConfig):
         super().__init__()
         self.config = config
@@ -203,17 +207,6 @@ class GemmaForCausalLM(nn.Module):
         self.tie_weights()
         if self.lm_head.weight.device.type != "meta":
             self.reset_parameters()
-
-    def tie_weights(self) -> None:
-        """With tie_word_embeddings (every released Gemma) the LM head is the embedding matrix (one Parameter)."""
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def _apply(self, fn, recurse=True):
-        # .to()/.to_empty()/.half() may give each owner of the shared Parameter its own copy: re-tie afterwards
-        result = super()._apply(fn, recurse)
-        self.tie_weights()
-        return result
 
     @torch.no_grad()
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -224,52 +217,8 @@ class GemmaForCausalLM(nn.Module):
             elif isinstance(module, GemmaRMSNorm):
                 module.weight.zero_()
 
-    # ---- the causal-LM contract (core/causal_lm.py): what train/ relies on
-    LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-    @property
-    def family(self) -> str:
-        return self.config.model_type
-
-    def new_cache(self) -> KVCache:
-        return KVCache(self.config.num_hidden_layers)
-
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> final-norm hidden states (B, T, H)."""
-        return self.model(input_ids, attention_mask, position_ids, cache)
-
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., V), soft-capped when the config says so (Gemma 2)."""
         logits = self.lm_head(hidden)
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.layers
-
-    @property
-    def gradient_checkpointing(self) -> bool:
-        return self.model.gradient_checkpointing
-
-    @gradient_checkpointing.setter
-    def gradient_checkpointing(self, value: bool) -> None:
-        self.model.gradient_checkpointing = bool(value)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        """input_ids (B, T), attention_mask (B, past + T) of 1/0 -> logits (B, T, V)."""
-        return self.logits(self.hidden_states(input_ids, attention_mask, position_ids, cache))
-
-    def num_parameters(self) -> int:
-        """Distinct parameters (the tied embedding counts once)."""
-        return sum(p.numel() for p in self.parameters())
-
-    @property
-    def device(self) -> torch.device:
-        return self.lm_head.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype

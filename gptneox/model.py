@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from core.causal_lm import DecoderLM
 from core.kv_cache import KVCache
 from core.masks import attention_mask_for_sdpa
 from core.rotary import RotaryEmbedding, apply_rotary
@@ -134,7 +135,11 @@ class GPTNeoXModel(nn.Module):
         return self.final_layer_norm(x)
 
 
-class GPTNeoXForCausalLM(nn.Module):
+class GPTNeoXForCausalLM(DecoderLM):
+    BODY, HEAD, EMBEDDING = "gpt_neox", "embed_out", "gpt_neox.embed_in"  # the contract's plumbing: core/causal_lm.py
+    LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+    family = "gpt_neox"
+
     def __init__(self, config: GPTNeoXConfig):
         super().__init__()
         self.config = config
@@ -143,18 +148,6 @@ class GPTNeoXForCausalLM(nn.Module):
         self.tie_weights()
         if self.embed_out.weight.device.type != "meta":
             self.reset_parameters()
-
-    def tie_weights(self) -> None:
-        """With tie_word_embeddings the output projection is the input embedding matrix (one Parameter)."""
-        if self.config.tie_word_embeddings:
-            self.embed_out.weight = self.gpt_neox.embed_in.weight
-
-    def _apply(self, fn, recurse=True):
-        # .to()/.to_empty()/.half() visit the shared Parameter once per owner and may give each owner its own
-        # copy (to_empty from meta does): re-tie afterwards.
-        result = super()._apply(fn, recurse)
-        self.tie_weights()
-        return result
 
     @torch.no_grad()
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -167,48 +160,3 @@ class GPTNeoXForCausalLM(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 module.weight.fill_(1.0)
                 module.bias.zero_()
-
-    # ---- the causal-LM contract (core/causal_lm.py): what train/ relies on
-    LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
-    family = "gpt_neox"
-
-    def new_cache(self) -> KVCache:
-        return KVCache(self.config.num_hidden_layers)
-
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> final-norm hidden states (B, T, H)."""
-        return self.gpt_neox(input_ids, attention_mask, position_ids, cache)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., H) -> (..., V)."""
-        return self.embed_out(hidden)
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.gpt_neox.layers
-
-    @property
-    def gradient_checkpointing(self) -> bool:
-        return self.gpt_neox.gradient_checkpointing
-
-    @gradient_checkpointing.setter
-    def gradient_checkpointing(self, value: bool) -> None:
-        self.gpt_neox.gradient_checkpointing = bool(value)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        """input_ids (B, T), attention_mask (B, past + T) of 1/0 -> logits (B, T, V)."""
-        return self.logits(self.hidden_states(input_ids, attention_mask, position_ids, cache))
-
-    def num_parameters(self) -> int:
-        """Distinct parameters (a tied embedding counts once)."""
-        return sum(p.numel() for p in self.parameters())
-
-    @property
-    def device(self) -> torch.device:
-        return self.embed_out.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embed_out.weight.dtype
