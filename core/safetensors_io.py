@@ -179,6 +179,17 @@ def read_state(found: dict[str, tuple[SafetensorsFile, str]], dtype: torch.dtype
     return state
 
 
+def assign_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike):
+    """Put checked tensors into a model built on the meta device (no copy), re-tie, return it in eval mode."""
+    model.load_state_dict(state, strict=False, assign=True)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:  # cannot happen after match_keys; guard against silent garbage
+        raise CheckpointError(f"{source}: parameters left unloaded: {', '.join(still_meta)}")
+    return model.eval()
+
+
 def read_folder(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors model folder (no key check): for small models and converters."""
     files = [SafetensorsFile(path) for path in weight_files(folder)]

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from core.dtypes import dtype_name
-from core.safetensors_io import CheckpointError, SafetensorsFile, match_keys, read_state, save_folder, weight_files
+from core.safetensors_io import (CheckpointError, SafetensorsFile, assign_state, match_keys, read_state,
+                                 save_folder, weight_files)
 
 from .config import GemmaConfig
 from .gguf_io import GGUF_MAGIC, GGUFFile
@@ -46,15 +47,6 @@ def _text_key(key: str) -> str:
     return key
 
 
-def _assign(model: GemmaForCausalLM, state: dict[str, torch.Tensor], source) -> GemmaForCausalLM:
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
-    if still_meta:  # cannot happen after the key checks; guard against silent garbage
-        raise CheckpointError(f"{source}: parameters left unloaded: {', '.join(still_meta)}")
-    return model.eval()
-
-
 def load_model(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> GemmaForCausalLM:
     """GemmaForCausalLM from an HF folder (config.json + model.safetensors or shards), eval mode, in `dtype`."""
@@ -66,7 +58,7 @@ def load_model(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
     optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
     found = match_keys(files, expected_shapes(config), folder, ignored=IGNORED_KEY, optional=optional,
                        rename=_text_key)
-    return _assign(model, read_state(found, dtype, device), folder)
+    return assign_state(model, read_state(found, dtype, device), folder)
 
 
 def load_gguf(path: str | os.PathLike | GGUFFile, dtype: torch.dtype = torch.float32,
@@ -80,7 +72,7 @@ def load_gguf(path: str | os.PathLike | GGUFFile, dtype: torch.dtype = torch.flo
         model = GemmaForCausalLM(config)
     optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
     state = f.read_state(dtype, expected_shapes(config), optional)
-    return _assign(model, {k: v.to(device) for k, v in state.items()}, f.path)
+    return assign_state(model, {k: v.to(device) for k, v in state.items()}, f.path)
 
 
 def is_gguf(path: str | os.PathLike) -> bool:

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from core.dtypes import dtype_name
-from core.safetensors_io import (CheckpointError, SafetensorsFile, match_keys, read_state, save_folder,
-                                 weight_files)
+from core.safetensors_io import (CheckpointError, SafetensorsFile, assign_state, match_keys, read_state,
+                                 save_folder, weight_files)
 
 from .config import GPTNeoXConfig
 from .model import GPTNeoXForCausalLM
@@ -54,12 +54,7 @@ def load_model(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
     # every key and shape is checked from the headers before any data is read
     found = match_keys(files, expected_shapes(config), folder, aliases=KEY_ALIASES, ignored=IGNORED_KEY,
                        optional=optional)
-    model.load_state_dict(read_state(found, dtype, device), strict=False, assign=True)
-    model.tie_weights()
-    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
-    if still_meta:  # cannot happen after the key check above; guard against silent garbage
-        raise CheckpointError(f"{folder}: parameters left unloaded: {', '.join(still_meta)}")
-    return model.eval()
+    return assign_state(model, read_state(found, dtype, device), folder)
 
 
 def save_pretrained(model: GPTNeoXForCausalLM, folder: str | os.PathLike,
