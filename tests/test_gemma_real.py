@@ -15,20 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemma import GGUFFile, default_gemma_gguf, load_gguf, load_model, tokenizer_from_gguf
+from gemma import GGUFFile, load_gguf, load_model, tokenizer_from_gguf
+from gemma_fixtures import gguf_path  # noqa: F401  (the fixture, shared with test_gemma_tokenizer)
 from gemma.convert import convert
 
 PROMPTS = ["오늘 친구랑 카페에 가기로 했어. 그래서", "안녕! 나는 오로라야. 오늘 하루는", "비 오는 날에는 집에서",
            "내일 면접이 있어서 너무 떨려. 어떻게 하면", "한국의 수도는 서울이고, 일본의 수도는"]
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def gguf_path():
-    path, reason = default_gemma_gguf()
-    if path is None:
-        pytest.skip(reason)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gemma import default_gemma_gguf, tokenizer_from_gguf
+from gemma import tokenizer_from_gguf
+from gemma_fixtures import gguf_path  # noqa: F401  (the fixture, shared with test_gemma_real)
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 EXTRA = [
@@ -31,14 +32,6 @@ def corpus() -> list[str]:
     for path in sorted(DATA.glob("memory_*_combs.txt")):
         lines += path.read_text(encoding="utf-8").splitlines()
     return lines + EXTRA
-
-
-@pytest.fixture(scope="module")
-def gguf_path():
-    path, reason = default_gemma_gguf()
-    if path is None:
-        pytest.skip(reason)
-    return path
 
 
 @pytest.fixture(scope="module")
