@@ -87,15 +87,19 @@ CPU_SHARE: list[float] = []  # CPU seconds / wall seconds of each timed call: < 
 
 
 @torch.inference_mode()
-def ours_greedy(model: GPTNeoXForCausalLM, prompt: torch.Tensor, steps: int) -> torch.Tensor:
+def ours_greedy(model, prompt: torch.Tensor, steps: int, banned: int | list[int] | None = None) -> torch.Tensor:
+    """Greedy decoding on the causal-LM contract; `banned` ids (e.g. EOS) never chosen, as HF's min_new_tokens."""
     cache = model.new_cache()
     h = model.hidden_states(prompt, cache=cache)  # (B, T, H)
-    token = model.logits(h[:, -1:]).argmax(-1)    # (B, 1): the LM head on the last position only
-    out = [token]
-    for _ in range(steps - 1):
-        token = model(token, cache=cache)[:, -1:].argmax(-1)
-        out.append(token)
-    return torch.cat(out, 1)
+    logits = model.logits(h[:, -1:])              # (B, 1, V): the LM head on the last position only
+    out = []
+    while True:
+        if banned is not None:
+            logits[..., banned] = float("-inf")
+        out.append(logits.argmax(-1))             # (B, 1)
+        if len(out) == steps:
+            return torch.cat(out, 1)
+        logits = model(out[-1], cache=cache)[:, -1:]
 
 
 @torch.inference_mode()

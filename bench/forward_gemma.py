@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from bench.forward import CPU_SHARE, interleaved, memory_bandwidth_gbs  # noqa: E402
+from bench.forward import CPU_SHARE, hf_greedy, interleaved, memory_bandwidth_gbs, ours_greedy  # noqa: E402
 from gemma import GGUFFile, default_gemma_gguf, load_gguf, tokenizer_from_gguf  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -60,26 +60,6 @@ def load_in_subprocess(which: str, path: Path, dtype: str) -> dict[str, float]:
             "ratio": (peak - base) / model_mb}
 
 
-@torch.inference_mode()
-def ours_greedy(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
-    cache = model.new_cache()
-    token = model.logits(model.hidden_states(prompt, cache=cache)[:, -1:]).argmax(-1)  # LM head on the last only
-    out = [token]
-    for _ in range(steps - 1):
-        logits = model(token, cache=cache)[:, -1:]
-        logits[..., model.config.eos_token_id] = float("-inf")  # as HF's min_new_tokens
-        token = logits.argmax(-1)
-        out.append(token)
-    return torch.cat(out, 1)
-
-
-@torch.inference_mode()
-def hf_greedy(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
-    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps,
-                         min_new_tokens=steps, do_sample=False, pad_token_id=0)
-    return out[:, prompt.shape[1]:]
-
-
 def run(dtype: str = "bf16", steps: int = 80, repeats: int = 3, decode_repeats: int = 1, prompt_len: int = 32,
         skip_load: bool = False) -> dict[str, float]:
     from transformers import AutoModelForCausalLM
@@ -114,9 +94,9 @@ def run(dtype: str = "bf16", steps: int = 80, repeats: int = 3, decode_repeats: 
     results.update(forward_ours=times["ours"], forward_hf=times["hf"], forward_ours_cpu=times["ours_cpu"],
                    forward_hf_cpu=times["hf_cpu"])
     prompt = ids[:, :prompt_len]
-    times, outs = interleaved({"ours": lambda: ours_greedy(ours, prompt, steps),
+    times, outs = interleaved({"ours": lambda: ours_greedy(ours, prompt, steps, ours.config.eos_token_id),
                                "hf": lambda: hf_greedy(hf, prompt, steps)}, decode_repeats,
-                              warmups={"ours": lambda: ours_greedy(ours, prompt, 4),
+                              warmups={"ours": lambda: ours_greedy(ours, prompt, 4, ours.config.eos_token_id),
                                        "hf": lambda: hf_greedy(hf, prompt, 4)})
     results.update(decode_ours=times["ours"], decode_hf=times["hf"], decode_ours_cpu=times["ours_cpu"],
                    decode_hf_cpu=times["hf_cpu"])
