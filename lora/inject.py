@@ -14,6 +14,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from core.unwrap import unwrap
+
 from .config import LoRAConfig
 from .layer import LoRALinear
 
@@ -53,17 +55,6 @@ def abbreviate_names(names: list[str], limit: int = 12) -> str:
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     """(name, layer) for every LoRALinear in `model`."""
     return ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear))
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside torch.compile / DistributedDataParallel wrappers (their names add a prefix)."""
-    while True:
-        if isinstance(getattr(model, "_orig_mod", None), nn.Module):           # torch.compile
-            model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        else:
-            return model
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

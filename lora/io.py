@@ -24,9 +24,10 @@ from torch import nn
 from core.atomic import atomic_write_file
 from core.errors import OhLoRAError
 from core.jsonio import read_json
+from core.unwrap import unwrap
 
 from .config import LoRAConfig
-from .inject import inject_lora, lora_layers, plan_injection, unwrap
+from .inject import inject_lora, lora_layers, plan_injection
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from train.distributed import (DistInfo, apply_fsdp, distributed_session, full_optimizer_state_dict,  # noqa: E402
                                full_trainable_params, grad_sync, load_full_tensor, load_optimizer_state_dict,
-                               loss_scale, on_main, shard, trainable_state_dict, wrap_ddp, all_reduce_sum,
+                               mean_grad_factor, on_main, shard, trainable_state_dict, wrap_ddp, all_reduce_sum,
                                gather_objects)
 
 DIM, N_LAYERS, N_BATCHES, BATCH, STEPS, ACCUM = 16, 3, 12, 3, 3, 2
@@ -86,7 +86,8 @@ def train(info: DistInfo, mode: str, accum: int) -> tuple[nn.Module, torch.optim
                 loss, n = module(x, y, m)
                 loss.backward()
             n_local += n
-        factor, _ = loss_scale(n_local, info)
+        (n_global,) = all_reduce_sum([n_local]) if info.enabled else [n_local]
+        factor = mean_grad_factor(n_global, info.world_size)
         for p in params:
             p.grad.mul_(factor)
         torch.nn.utils.clip_grad_norm_(params, 5.0)

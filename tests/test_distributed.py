@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import dist_toy  # noqa: E402
 from train.distributed import (DistInfo, collective_timeout_s, describe_failure, shard, shard_for_eval,  # noqa: E402
-                               shard_from, trainable_state_dict)
+                               trainable_state_dict)
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = Path(__file__).resolve().parent / "dist_toy.py"
@@ -61,7 +61,7 @@ def test_shard_is_disjoint_equal_and_resumable_at_a_global_position():
     k, w = 2, 3
     done = sorted(x for p in parts for x in p[:k])
     assert done == items[:k * w]
-    assert [shard_from(items, k * w, r, 2) for r in range(2)] == [[6, 8], [7, 9]]
+    assert [shard(items[k * w:], r, 2) for r in range(2)] == [[6, 8], [7, 9]]   # what train.loop does
     assert shard(items, 0, 1) == items
     ev = [shard_for_eval(items, r, 4) for r in range(4)]
     assert {len(e) for e in ev} == {3}
@@ -83,12 +83,12 @@ def test_timeout_setting_and_failure_messages(monkeypatch):
 
 
 def test_single_process_is_a_no_op():
-    from train.distributed import init_distributed, wrap_ddp, apply_fsdp, loss_scale
+    from train.distributed import init_distributed, wrap_ddp, apply_fsdp, mean_grad_factor
     info = init_distributed("cpu")
     assert (info.rank, info.world_size, info.is_main, info.enabled) == (0, 1, True, False)
     m = dist_toy.make_model()
     assert wrap_ddp(m, info) is m and apply_fsdp(m, info, list(m.layers)) is m
-    assert loss_scale(8, info) == (1 / 8, 8.0)
+    assert mean_grad_factor(8, info.world_size) == 1 / 8 and mean_grad_factor(8, 2) == 1 / 4
 
 
 # ---------------------------------------------------------------------------------- toy DDP / FSDP runs

@@ -10,10 +10,10 @@ DTensor (`full_tensor`, `distribute_tensor`) — plus the glue a trainer needs a
                             (`fail_fast_on_collective_error` alone for a CLI that inits elsewhere);
 * timeouts                  every collective is bounded by `OHLORA_DIST_TIMEOUT` seconds (default 600), so a
                             hung rank ends the others instead of hanging them forever;
-* `shard` / `shard_from`    each rank's disjoint share of an epoch's batch list, the same count on every rank;
+* `shard`                   each rank's disjoint share of an epoch's batch list, the same count on every rank;
                             positions are kept in *global* batches, so a resume may change the world size;
-* `grad_sync`, `loss_scale` gradient accumulation without needless syncs, and the loss normalisation that makes
-                            N ranks × B examples equal one process with the N·B examples (see `loss_scale`);
+* `grad_sync`, `mean_grad_factor` gradient accumulation without needless syncs, and the loss normalisation that
+                            makes N ranks × B examples equal one process with the N·B examples;
 * `full_trainable_params`, `full_optimizer_state_dict`, `load_full_tensor`, `load_optimizer_state_dict`
                             FSDP-sharded (DTensor) parameters and optimizer state ⇄ plain full tensors, so
                             checkpoints written by N ranks load in M ranks (or one process) and vice versa;
@@ -31,6 +31,8 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from core.unwrap import unwrap
 
 T = TypeVar("T")
 
@@ -233,15 +235,11 @@ def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:
     """This rank's disjoint share of `items`, the same count on every rank (the tail that does not divide is dropped).
 
     Interleaved: rank r takes items r, r+W, r+2W, ... so after every rank has done k items, exactly the global
-    prefix items[:k·W] is consumed — a position any world size can resume from (`shard_from`).
+    prefix items[:k·W] is consumed — a position any world size can resume from
+    (`shard(items[k·W:], ...)`: what train.loop does).
     """
     per_rank = len(items) // world_size if world_size > 1 else len(items)
     return [items[i] for i in range(rank, per_rank * world_size, world_size)] if world_size > 1 else list(items)
-
-
-def shard_from(items: Sequence[T], global_start: int, rank: int, world_size: int) -> list[T]:
-    """This rank's share of `items[global_start:]` (resume at a global position, any world size)."""
-    return shard(list(items)[global_start:], rank, world_size)
 
 
 def shard_for_eval(items: Sequence[T], rank: int, world_size: int) -> list[tuple[T, bool]]:
@@ -258,13 +256,6 @@ def shard_for_eval(items: Sequence[T], rank: int, world_size: int) -> list[tuple
 
 
 # ------------------------------------------------------------------------------------------- DDP / FSDP
-def unwrap(module: nn.Module) -> nn.Module:
-    """The user's module inside a DDP wrapper (FSDP2 shards in place and needs no unwrapping)."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    return module.module if isinstance(module, DistributedDataParallel) else module
-
-
 def is_fsdp(module: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
@@ -331,16 +322,15 @@ def grad_sync(module: nn.Module, sync: bool):
     return nullcontext()
 
 
-def loss_scale(local_count: float, info: DistInfo, device: torch.device | str = "cpu") -> tuple[float, float]:
-    """(factor, global_count) to turn this rank's *summed* loss gradients into the global per-item mean.
+def mean_grad_factor(global_count: float, world_size: int) -> float:
+    """The factor that turns each rank's gradient of a *summed* loss into the global per-item mean.
 
     DDP and FSDP average gradients over the N ranks, so with each rank's gradient g_r of a summed loss,
-        averaged = (1/N) Σ_r g_r · factor   must equal   Σ_r g_r / C,   C = Σ_r local_count (all-reduced)
+        averaged = (1/N) Σ_r g_r · factor   must equal   Σ_r g_r / C,   C = global_count (all ranks' items)
     hence factor = N / C. One process with the same global batch computes Σ g / C: the same number. (Dividing
     each rank by its own count instead would weigh a rank with few tokens as much as one with many.)
     """
-    (count,) = all_reduce_sum([local_count], device) if info.enabled else [float(local_count)]
-    return info.world_size / max(count, 1.0), count
+    return world_size / max(global_count, 1.0)
 
 
 # ---------------------------------------------------------------------------- sharded ⇄ full tensors

@@ -33,11 +33,12 @@ import torch
 from core.atomic import atomic_write_dir, clean_stale_temps, recover_dir
 from core.errors import OhLoRAError
 from core.onednn import invalidate_packs
+from core.unwrap import unwrap
 from train.checkpoint import (STATE_VERSION, ResumeError, read_resume_state, rng_state, set_rng_state,  # noqa: F401
                               write_state)
 from train.distributed import (DistInfo, all_reduce_sum, full_optimizer_state_dict, full_trainable_params,
                                gather_objects, grad_sync, init_distributed, is_fsdp, load_full_tensor,
-                               load_optimizer_state_dict, on_main, shard, trainable_state_dict, unwrap, wrap_ddp)
+                               load_optimizer_state_dict, mean_grad_factor, on_main, shard, trainable_state_dict, wrap_ddp)
 from train.optim import build_adamw, build_scheduler
 from train.progress import JsonlLogger, plot_curves, print_line, progress_bar, read_jsonl
 
@@ -328,12 +329,9 @@ class Trainer:
         return loss_total, n_total, n_input, grad_norm
 
     def _normalise_grads(self, n_tokens: int) -> None:
-        """Summed-loss grads → per-token mean over the window; `n_tokens` counts the whole global window.
-
-        DDP and FSDP average the ranks' gradients (÷ world size), hence the factor world / n_tokens: the
-        result is Σ_ranks grad(loss_sum) / n_tokens, what one process computes over the same global batch.
-        """
-        scale = self.info.world_size / max(n_tokens, 1)
+        """Summed-loss grads → per-token mean over the window; `n_tokens` counts the whole global window, so the
+        result is what one process computes over the same global batch (see `mean_grad_factor`)."""
+        scale = mean_grad_factor(n_tokens, self.info.world_size)
         for p in self.params:
             if p.grad is not None:
                 p.grad.mul_(scale)
