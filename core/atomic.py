@@ -15,6 +15,18 @@ from pathlib import Path
 from typing import Callable
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def _usual_mode(tmp: Path, is_dir: bool) -> None:
+    """mkstemp/mkdtemp create 0600/0700 (private) entries; give the renamed result the mode a plain
+    open()/mkdir() would have had (0666/0777 less the umask), so saved models are readable as usual."""
+    os.chmod(tmp, (0o777 if is_dir else 0o666) & ~_umask())
+
+
 def atomic_write_file(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp_path)` then rename tmp_path to `path`. On error the temp file is removed."""
     path = Path(path)
@@ -23,6 +35,7 @@ def atomic_write_file(path: str | os.PathLike, write: Callable[[Path], None]) ->
     os.close(fd)
     try:
         write(Path(tmp))
+        _usual_mode(Path(tmp), is_dir=False)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -75,6 +88,7 @@ def atomic_write_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> 
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         write(tmp)
+        _usual_mode(tmp, is_dir=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

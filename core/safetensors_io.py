@@ -13,15 +13,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Pattern
 
 import torch
 from safetensors.torch import save_file
 
-from core.atomic import atomic_write_file, atomic_write_text
+from core.atomic import atomic_write_dir, atomic_write_file, atomic_write_text
 from core.errors import OhLoRAError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -244,17 +242,11 @@ def save_folder(state: dict[str, torch.Tensor], folder: str | os.PathLike, texts
     adapters) are left alone."""
     folder = Path(folder)
     if not folder.exists():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-        try:
+        def write(tmp: Path) -> None:
             save_weights(state, tmp, max_shard_size)
             for name, text in texts.items():
                 (tmp / name).write_text(text, encoding="utf-8")
-            os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return folder
+        return atomic_write_dir(folder, write)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: exists and is not a folder")
     written = set(save_weights(state, folder, max_shard_size))

@@ -256,3 +256,21 @@ def test_sft_resume_flag_accepts_a_state_mid_swap(sft_inputs, tmp_path, capsys):
     os.replace(tmp_path / "state", tmp_path / ".state.old")    # what the kill leaves
     assert main(common + ["--resume", str(tmp_path / "state")]) == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "state" / "meta.json").read_text())["global_step"] == 2
+
+
+def test_atomic_writes_get_the_usual_permissions_not_mkstemps_private_ones(tmp_path):
+    import torch
+    from core.atomic import atomic_write_dir, atomic_write_text
+    from core.safetensors_io import save_folder
+
+    old = os.umask(0o022)
+    try:
+        f = atomic_write_text(tmp_path / "a.json", "{}")
+        d = atomic_write_dir(tmp_path / "adapter", lambda tmp: (tmp / "x.txt").write_text("x"))
+        m = save_folder({"w": torch.zeros(2)}, tmp_path / "model", {"config.json": "{}"})
+    finally:
+        os.umask(old)
+    assert f.stat().st_mode & 0o777 == 0o644          # mkstemp alone gives 0o600
+    assert d.stat().st_mode & 0o777 == 0o755          # mkdtemp alone gives 0o700
+    assert m.stat().st_mode & 0o777 == 0o755
+    assert (m / "model.safetensors").stat().st_mode & 0o777 == 0o644
