@@ -27,6 +27,27 @@ from torch import nn
 from core.kv_cache import KVCache
 
 
+
+def check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+                 cache: KVCache | None) -> tuple[int, torch.Tensor]:
+    """(past length, position_ids) for a body's forward, after checking the shapes the contract promises.
+
+    input_ids (B, T); attention_mask (B, past + T) or None. Default positions count the real tokens before each
+    position — right for left padding, as HF generate does — else past, past + 1, ...  -> position_ids (B, T)."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+    B, T = input_ids.shape
+    past = cache.length if cache is not None else 0
+    if attention_mask is not None and tuple(attention_mask.shape) != (B, past + T):
+        raise ValueError(f"attention_mask must be (batch, past + new) = {(B, past + T)}, "
+                         f"got {tuple(attention_mask.shape)}")
+    if position_ids is None:
+        if attention_mask is not None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        else:
+            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+    return past, position_ids
+
 @runtime_checkable
 class CausalLM(Protocol):
     config: Any

@@ -19,3 +19,13 @@ def read_json(path: str | os.PathLike, error: type[Exception], *, expect: type |
         kind = "an object" if expect is dict else f"a {expect.__name__}"
         raise error(f"{path}: expected {kind} in JSON, got {type(value).__name__}")
     return value
+
+
+def config_json_path(path: str | os.PathLike) -> Path:
+    """`path` itself, or `path/config.json` for a model folder; FileNotFoundError naming it when absent."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config.json not found")
+    return path

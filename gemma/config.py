@@ -18,11 +18,10 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from core.errors import OhLoRAError
-from core.jsonio import read_json
+from core.jsonio import config_json_path, read_json
 
 
 class ConfigError(OhLoRAError):
@@ -198,11 +197,7 @@ class GemmaConfig:
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "GemmaConfig":
         """Read `config.json` (a file, or a model folder holding one)."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: config.json not found")
+        path = config_json_path(path)
         return cls.from_dict(read_json(path, ConfigError, expect=None), source=str(path))
 
     # ---- writing -------------------------------------------------------------------------------------------

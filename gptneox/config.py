@@ -13,11 +13,10 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Any
 
 from core.errors import OhLoRAError
-from core.jsonio import read_json
+from core.jsonio import config_json_path, read_json
 
 
 class ConfigError(OhLoRAError):
@@ -143,11 +142,7 @@ class GPTNeoXConfig:
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "GPTNeoXConfig":
         """Read `config.json` (a file, or a model folder holding one)."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: config.json not found")
+        path = config_json_path(path)
         return cls.from_dict(read_json(path, ConfigError, expect=None), source=str(path))
 
     # ---- writing -------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from core.causal_lm import DecoderLM
+from core.causal_lm import DecoderLM, check_inputs
 from core.kv_cache import KVCache
 from core.masks import attention_mask_for_sdpa
 from core.rotary import RotaryEmbedding, apply_rotary
@@ -109,18 +109,8 @@ class GPTNeoXModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-        B, T = input_ids.shape
-        past = cache.length if cache is not None else 0
-        if attention_mask is not None and tuple(attention_mask.shape) != (B, past + T):
-            raise ValueError(f"attention_mask must be (batch, past + new) = {(B, past + T)}, "
-                             f"got {tuple(attention_mask.shape)}")
-        if position_ids is None:
-            if attention_mask is not None:  # count real tokens: right for left padding, as HF generate does
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-            else:
-                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        past, position_ids = check_inputs(input_ids, attention_mask, position_ids, cache)
+        T = input_ids.shape[1]
         x = self.embed_in(input_ids)  # (B, T, H)
         cos, sin = self.rotary(position_ids, x.dtype)  # (B, T, 1, 1, rd)
         mask, is_causal = attention_mask_for_sdpa(attention_mask, T, past, x.device)
