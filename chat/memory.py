@@ -1,6 +1,12 @@
 """The chatbot's memory: stored `[key: value]` items, the one most similar to the user's message is prepended.
 
-    best = argmax_i cos(E(item_i), E(message));  prompt = f"{item_best} {message}" if cos >= 0.6 else message
+    best = argmax_i cos(E_passage(item_i), E_query(message));  prompt = f"{item_best} {message}" if cos >= t else message
+
+t is the threshold calibrated for the model and saved in its folder (ohlora_memory.json, written by
+`python -m sbert.train`), else the original's 0.6; an explicit `threshold=` / `--threshold` wins. The message
+is encoded as a query and the items as passages (e5's `query: ` / `passage: ` prefixes, applied by the encoder
+from its folder's config; MiniLM has none). Item embeddings are cached per item text and model, so a query
+costs one encode.
 
 e.g. `[오늘 일정: 친구랑 카페 방문] 오늘 뭐 해?`. A store is a text file with one `[key: value]` item per line
 (like the original's memory file; blank lines and lines starting with `#` are skipped) or a JSON list of such
@@ -31,7 +37,21 @@ EXAMPLE_ITEMS = ["[오늘 일정: 친구랑 카페 방문]", "[좋아하는 음�
 
 
 class TextEncoder(Protocol):
+    """`encode(texts) -> (N, H)`; a SentenceEncoder also has encode_query / encode_passage (its prompts),
+    `memory_threshold` (its calibrated threshold or None) and `source` (folder + weights stamp)."""
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray: ...
+
+
+def encode_as(encoder: TextEncoder, texts: list[str], role: str) -> np.ndarray:
+    """(N, H) float32 embeddings of `texts` as `role` ("query" = a user message, "passage" = a memory item):
+    through `encode_<role>` when the encoder has it (its stored prompt), else plain `encode`."""
+    fn = getattr(encoder, f"encode_{role}", None)
+    return np.asarray(fn(texts) if fn is not None else encoder.encode(texts), dtype=np.float32)
+
+
+def encoder_identity(encoder: TextEncoder) -> tuple[int, str | None]:
+    """What the item cache is keyed by: the encoder object and the folder + weights stamp it was loaded from."""
+    return id(encoder), getattr(encoder, "source", None)
 
 
 class MemoryStore:
@@ -39,19 +59,33 @@ class MemoryStore:
     when None, the default model (`default_model_dir()`) is loaded on first use."""
 
     def __init__(self, items: list[str] | None = None, *, path: str | os.PathLike | None = None,
-                 encoder: TextEncoder | None = None, threshold: float = DEFAULT_THRESHOLD):
+                 encoder: TextEncoder | None = None, threshold: float | None = None):
         self.path = Path(path) if path is not None else None
         self.encoder = encoder
-        self.threshold = threshold
+        self.threshold = threshold  # None: the model's calibrated threshold, else DEFAULT_THRESHOLD
         self._items: list[str] = []
-        self._cache: tuple[tuple[str, ...], int, np.ndarray] | None = None  # (items, id(encoder), unit rows)
+        self._vectors: dict[str, np.ndarray] = {}      # item text -> unit embedding (H,), for _vectors_of
+        self._vectors_of: tuple[int, str | None] | None = None  # encoder_identity the cache belongs to
+        self._matrix: tuple[tuple, np.ndarray] | None = None    # ((identity, items), (N, H) stacked rows)
         for item in items or []:
             self.add(item)
+
+    @property
+    def threshold(self) -> float:
+        """The explicit threshold, else the encoder's calibrated one (saved with the model), else 0.6."""
+        if self._threshold is not None:
+            return self._threshold
+        saved = getattr(self.encoder, "memory_threshold", None) if self.encoder is not None else None
+        return float(saved) if saved is not None else DEFAULT_THRESHOLD
+
+    @threshold.setter
+    def threshold(self, value: float | None) -> None:
+        self._threshold = None if value is None else float(value)
 
     # ---- file I/O ---------------------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | os.PathLike, *, encoder: TextEncoder | None = None,
-             threshold: float = DEFAULT_THRESHOLD, missing_ok: bool = False) -> "MemoryStore":
+             threshold: float | None = None, missing_ok: bool = False) -> "MemoryStore":
         """Read a store file (`.json`: a list of items; otherwise one item per line). A missing file with
         `missing_ok=True` gives an empty store that `save()` will create."""
         path = Path(path)
@@ -138,19 +172,30 @@ class MemoryStore:
         return self.encoder
 
     def _item_vectors(self, encoder: TextEncoder) -> np.ndarray:
-        """Unit-length item embeddings (N, H), recomputed only when the items or the encoder change."""
-        key = (tuple(self._items), id(encoder))
-        if self._cache is None or self._cache[:2] != key:
-            self._cache = (*key, _unit_rows(np.asarray(encoder.encode(self._items), dtype=np.float32)))
-        return self._cache[2]
+        """Unit-length item embeddings (N, H): only items not embedded yet by this model are encoded (one call);
+        a different encoder (or one loaded from changed weights) starts the cache afresh."""
+        identity = encoder_identity(encoder)
+        stamp = (identity, tuple(self._items))
+        if self._matrix is not None and self._matrix[0] == stamp:  # nothing changed: no encode, no re-stack
+            return self._matrix[1]
+        if self._vectors_of != identity:
+            self._vectors, self._vectors_of = {}, identity
+        new = [t for t in self._items if t not in self._vectors]
+        if new:
+            self._vectors.update(zip(new, _unit_rows(encode_as(encoder, new, "passage"))))
+        if len(self._vectors) > 2 * len(self._items) + 16:  # forget replaced / removed items now and then
+            self._vectors = {t: self._vectors[t] for t in self._items}
+        matrix = np.stack([self._vectors[t] for t in self._items]).astype(np.float32)  # (N, H)
+        self._matrix = (stamp, matrix)
+        return matrix
 
     def scores(self, message: str) -> list[tuple[str, float]]:
-        """Every item with its cosine similarity to the message, most similar first."""
+        """Every item with its cosine similarity to the message, most similar first (one encode per call)."""
         if not self._items:
             return []
         encoder = self._get_encoder()
         items = self._item_vectors(encoder)  # (N, H)
-        query = _unit_rows(np.asarray(encoder.encode([message]), dtype=np.float32))[0]  # (H,)
+        query = _unit_rows(encode_as(encoder, [message], "query"))[0]  # (H,)
         sims = items @ query  # (N,)
         order = np.argsort(-sims, kind="stable")
         return [(self._items[i], float(sims[i])) for i in order]
@@ -199,7 +244,8 @@ class MemoryQuery:
                                     help="memory file: one [key: value] per line, or a .json list "
                                          "(default: a built-in example)")
     top: int = flag(5, range=COUNT, help="how many items to show")
-    threshold: float = flag(DEFAULT_THRESHOLD, range=COSINE, help="minimum cosine for an item to be used")
+    threshold: float | None = flag(None, range=COSINE, help="minimum cosine for an item to be used (default: the "
+                                   f"model's calibrated threshold, else {DEFAULT_THRESHOLD})")
 
 
 @run_cli
@@ -223,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     if not ranked:
         print("(the memory store is empty)")
     for item, score in ranked[:args.top]:
-        mark = "*" if score >= args.threshold else " "
+        mark = "*" if score >= store.threshold else " "
         print(f"{mark} {score:.4f}  {item}")
     print(f"prompt: {store.build_prompt(args.query)}")
     return 0

@@ -10,9 +10,13 @@ N lines give every (memory of line i, message of line j) pair, N×N rows with th
     score(i, j) = 1.0                        if key_i == key_j
                 = |W_i ∩ W_j| / |W_i ∪ W_j|   otherwise (IoU of the space-separated words), rounded to 4 decimals
 
-where the key `좋아하는 아이돌` counts as `좋아하는 가수` (the two are one topic for the chatbot).
+where keys of one synonym group count as the same key before scoring. `--aliases extended` (the default,
+`EXTENDED_ALIASES`) holds the documented groups below (docs/data.md); `--aliases original` is the original
+Oh-LoRA rule, only `좋아하는 아이돌` ≡ `좋아하는 가수`, with which the original's CSVs reproduce exactly. The bundled
+combination files use no key of the extended groups besides the original pair, so both rules give the same
+bundled CSVs.
 
-    python -m data.memory_pairs data/memory_train_combs.txt data/memory_train.csv
+    python -m data.memory_pairs data/memory_train_combs.txt data/memory_train.csv [--aliases original]
 """
 from __future__ import annotations
 
@@ -29,8 +33,25 @@ from core.cli import Parser, check_file, check_output_file, run_cli
 from core.errors import OhLoRAError
 
 COLUMNS = ("memory_0", "user_prompt_1", "similarity_score")
-# Keys that name the same topic; the left one is scored as the right one.
-KEY_ALIASES = {"좋아하는 아이돌": "좋아하는 가수"}
+# Keys that name the same topic; each key of a group is scored as the group's first (canonical) key.
+ORIGINAL_ALIASES = {"좋아하는 아이돌": "좋아하는 가수"}  # the original Oh-LoRA rule
+# Groups a user would call "the same question" (what a memory under one key answers, the other asks for).
+# Only exact paraphrases of one fact: 오늘 일정 vs 내일 일정, or 좋아하는 vs 싫어하는, stay different keys.
+SYNONYM_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("좋아하는 가수", "좋아하는 아이돌", "최애 가수", "최애 아이돌"),
+    ("좋아하는 음식", "최애 음식", "좋아하는 메뉴"),
+    ("싫어하는 음식", "못 먹는 음식"),
+    ("반려동물", "애완동물", "키우는 동물"),
+    ("사는 곳", "사는 동네", "거주지"),
+    ("취미", "여가 활동"),
+    ("직업", "하는 일"),
+    ("최근 고민", "요즘 고민"),
+    ("오늘 기분", "지금 기분"),
+    ("주말 계획", "주말 일정"),
+)
+EXTENDED_ALIASES = {key: group[0] for group in SYNONYM_GROUPS for key in group[1:]}
+ALIAS_RULES = {"extended": EXTENDED_ALIASES, "original": ORIGINAL_ALIASES}
+KEY_ALIASES = EXTENDED_ALIASES  # the default rule
 
 # `[key: value] message` — key without ':' or brackets, a non-empty value, whitespace, a non-empty message.
 _LINE = re.compile(r"^\[(?P<key>[^:\[\]]+):(?P<value>[^\[\]]+)\]\s+(?P<message>\S.*)$")
@@ -49,15 +70,16 @@ class MemoryLine:
     line_no: int   # 1-based line number in its file
 
 
-def normalise_key(key: str) -> str:
-    """Collapse whitespace and map aliases (`좋아하는 아이돌` → `좋아하는 가수`)."""
+def normalise_key(key: str, aliases: dict[str, str] | None = None) -> str:
+    """Collapse whitespace and map aliases (`좋아하는 아이돌` → `좋아하는 가수`); default: KEY_ALIASES."""
     key = " ".join(key.split())
-    return KEY_ALIASES.get(key, key)
+    aliases = KEY_ALIASES if aliases is None else aliases
+    return aliases.get(key, key)
 
 
-def key_similarity(key_a: str, key_b: str) -> float:
+def key_similarity(key_a: str, key_b: str, aliases: dict[str, str] | None = None) -> float:
     """1.0 for the same (normalised) key, else the IoU of the keys' word sets, rounded to 4 decimals."""
-    a, b = normalise_key(key_a), normalise_key(key_b)
+    a, b = normalise_key(key_a, aliases), normalise_key(key_b, aliases)
     if a == b:
         return 1.0
     words_a, words_b = set(a.split(" ")), set(b.split(" "))
@@ -94,9 +116,9 @@ def read_combinations(path: str | os.PathLike) -> list[MemoryLine]:
     return lines
 
 
-def build_pairs(lines: list[MemoryLine]) -> pd.DataFrame:
+def build_pairs(lines: list[MemoryLine], aliases: dict[str, str] | None = None) -> pd.DataFrame:
     """N lines → N×N rows (memory of line i, message of line j, key score), i-major order."""
-    rows = [(a.memory, b.message, key_similarity(a.key, b.key)) for a in lines for b in lines]
+    rows = [(a.memory, b.message, key_similarity(a.key, b.key, aliases)) for a in lines for b in lines]
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
@@ -105,8 +127,9 @@ def write_csv_atomic(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     return atomic_write_file(path, lambda tmp: df.to_csv(tmp, index=False, encoding="utf-8"))
 
 
-def generate(combs_path: str | os.PathLike, out_csv: str | os.PathLike) -> pd.DataFrame:
-    df = build_pairs(read_combinations(combs_path))
+def generate(combs_path: str | os.PathLike, out_csv: str | os.PathLike, aliases: str = "extended") -> pd.DataFrame:
+    """Pairs of `combs_path` written to `out_csv`; `aliases` names the key rule (ALIAS_RULES)."""
+    df = build_pairs(read_combinations(combs_path), ALIAS_RULES[aliases])
     write_csv_atomic(df, out_csv)
     return df
 
@@ -117,8 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("combs", type=check_file, help="combination file: one '[key: value] message' per line")
     parser.add_argument("out_csv", type=check_output_file,
                         help="output CSV (memory_0, user_prompt_1, similarity_score), written atomically")
+    parser.add_argument("--aliases", choices=tuple(ALIAS_RULES), default="extended",
+                        help="key synonym rule: extended (documented groups) or original (idol = singer only)")
     args = parser.parse_args(argv)
-    df = generate(args.combs, args.out_csv)
+    df = generate(args.combs, args.out_csv, args.aliases)
     n = int(round(len(df) ** 0.5))
     exact = int((df["similarity_score"] == 1.0).sum())
     print(f"{args.out_csv}: {len(df)} pairs from {n} lines ({exact} with score 1.0)")

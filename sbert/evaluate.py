@@ -8,7 +8,14 @@ Figures (predicted = cos(embed(memory_0), embed(user_prompt_1)), true = similari
     recall@1                 over the distinct messages m: is argmax_memory pred(memory, m) a memory whose
                              true score with m is 1.0 — i.e. would the chatbot fetch a right memory item?
 
-    python -m sbert.evaluate --model runs/sbert/best --data data/memory_test.csv [--json] [--plot scatter.png]
+    threshold, false, miss   the memory threshold (the model's saved one, else calibrated here, sbert.calibrate)
+                             and at it the false-prepend rate on messages with no related memory and the miss
+                             rate on related ones
+
+Memories are encoded as passages and messages as queries, with the model's stored prompts (e5's `passage: ` /
+`query: `; none for MiniLM), as the memory store does.
+
+    python -m sbert.evaluate --model runs/sbert/best [more folders…] --data data/memory_test.csv [--json] [--plot scatter.png]
 
 Pure numpy/pandas (no scipy). `evaluate(model, df)` is what `sbert.train` calls before and after training.
 """
@@ -28,9 +35,11 @@ import pandas as pd
 from core.atomic import atomic_write_file
 from core.cli import COUNT, Parser, add_config_flags, config_from_args, flag, run_cli
 from core.errors import OhLoRAError
+from sbert.calibrate import best_items, calibration_set, encode_role, pick_threshold, rates
 
 PAIR_COLUMNS = ("memory_0", "user_prompt_1", "similarity_score")
 METRIC_NAMES = ("mse", "mae", "pearson", "spearman", "recall_at_1")
+MEMORY_NAMES = ("threshold", "false_prepend", "miss")  # shown when present (sbert.calibrate)
 
 
 class PairsFileError(OhLoRAError):
@@ -113,29 +122,14 @@ def load_pairs(path: str | os.PathLike) -> pd.DataFrame:
 
 
 def predict_similarities(model: Encoder, df: pd.DataFrame, batch_size: int = 32) -> np.ndarray:
-    """cos(embed(memory_0), embed(user_prompt_1)) per row; each distinct text is encoded once."""
-    texts = list(dict.fromkeys([*df["memory_0"], *df["user_prompt_1"]]))
-    index = {t: i for i, t in enumerate(texts)}
-    emb = _encode_eval(model, texts, batch_size)
-    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    u = emb[[index[t] for t in df["memory_0"]]]
-    v = emb[[index[t] for t in df["user_prompt_1"]]]
-    return np.sum(u * v, axis=1)
+    """cos(embed_passage(memory_0), embed_query(user_prompt_1)) per row; each distinct text is encoded once."""
+    def unit_rows(texts: list[str], role: str) -> tuple[dict[str, int], np.ndarray]:
+        emb = encode_role(model, texts, role, batch_size)
+        return {t: i for i, t in enumerate(texts)}, emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
 
-
-def _encode_eval(model: Encoder, texts: list[str], batch_size: int) -> np.ndarray:
-    """Encode in eval mode (no dropout) and restore the caller's train/eval mode afterwards."""
-    was_training = bool(getattr(model, "training", False))
-    if hasattr(model, "eval"):
-        model.eval()
-    try:
-        import torch
-        with torch.inference_mode():
-            out = model.encode(texts, batch_size=batch_size, convert_to_numpy=True)
-    finally:
-        if was_training and hasattr(model, "train"):
-            model.train()
-    return np.asarray(out, dtype=np.float64)
+    mi, mem = unit_rows(list(dict.fromkeys(df["memory_0"])), "passage")
+    qi, msg = unit_rows(list(dict.fromkeys(df["user_prompt_1"])), "query")
+    return np.sum(mem[[mi[t] for t in df["memory_0"]]] * msg[[qi[t] for t in df["user_prompt_1"]]], axis=1)
 
 
 def evaluate(model: Encoder, df: pd.DataFrame, batch_size: int = 32,
@@ -154,12 +148,27 @@ def evaluate(model: Encoder, df: pd.DataFrame, batch_size: int = 32,
 
 # ----------------------------------------------------------------------------------------------- reporting
 def format_table(results: dict[str, dict[str, Any]]) -> str:
-    """A fixed-width table, one row per named result (e.g. {"before": ..., "after": ...})."""
-    head = f"{'':<10}" + "".join(f"{name:>12}" for name in METRIC_NAMES)
-    lines = [head]
+    """A fixed-width table, one row per named result (e.g. {"before": ..., "after": ...}); the memory columns
+    (threshold, false_prepend, miss) when any result has them."""
+    names = METRIC_NAMES + tuple(n for n in MEMORY_NAMES if any(n in m for m in results.values()))
+    width = max([10, *(len(label) + 1 for label in results)])
+    lines = [f"{'':<{width}}" + "".join(f"{name:>14}" for name in names)]
     for label, metrics in results.items():
-        lines.append(f"{label:<10}" + "".join(f"{metrics.get(name, float('nan')):>12.4f}" for name in METRIC_NAMES))
+        lines.append(f"{label:<{width}}" + "".join(f"{_num(metrics.get(name)):>14.4f}" for name in names))
     return "\n".join(lines)
+
+
+def _num(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def memory_figures(model: Encoder, df: pd.DataFrame, batch_size: int = 32) -> dict[str, Any]:
+    """threshold (the model's saved one, else calibrated on `df` + the bundled unrelated messages) and the
+    false-prepend / miss rates at it (sbert.calibrate)."""
+    best = best_items(model, calibration_set(df), batch_size)
+    saved = getattr(model, "memory_threshold", None)
+    t = float(saved) if saved is not None else pick_threshold(best["unrelated"])
+    return {"threshold": t, "threshold_saved": saved is not None, **rates(best, t)}
 
 
 def json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -200,7 +209,8 @@ def plot_scatter(predicted: Sequence[float], true: Sequence[float], png_path: st
 @dataclass
 class EvaluateArgs:
     """`python -m sbert.evaluate` flags."""
-    model: str = flag(None, kind="dir", required=True, help="sentence-transformers folder (ours or ST's)")
+    model: tuple[str, ...] = flag(None, kind="dir", required=True,
+                                  help="sentence-transformers folder(s) (ours or ST's); one table row each")
     data: str | None = flag(None, kind="file", help="pairs CSV (default: the bundled data/memory_test.csv)")
     batch_size: int = flag(32, range=COUNT, help="texts per forward")
     plot: str | None = flag(None, kind="output_file", help="write a predicted-vs-true scatter PNG here")
@@ -217,15 +227,29 @@ def main(argv: list[str] | None = None) -> int:
 
     data = args.data or str(bundled_pairs("memory_test.csv"))
     df = load_pairs(data)
-    model = SentenceEncoder.load(args.model)
-    metrics = evaluate(model, df, batch_size=args.batch_size, return_predictions=True)
-    print(f"{data}: {metrics['n_pairs']} pairs, {metrics['n_messages']} messages")
-    print(format_table({"model": metrics}))
+    results: dict[str, dict[str, Any]] = {}
+    for folder in args.model:
+        model = SentenceEncoder.load(folder)
+        metrics = evaluate(model, df, batch_size=args.batch_size, return_predictions=True)
+        metrics.update(memory_figures(model, df, args.batch_size))
+        results[_label(folder, results)] = metrics
+    first = next(iter(results.values()))
+    print(f"{data}: {first['n_pairs']} pairs, {first['n_messages']} messages "
+          "(threshold: the model's saved one, else calibrated here for <= 10 % false prepends)")
+    print(format_table(results))
     if args.plot:
-        print(f"scatter plot: {plot_scatter(metrics['predictions'], df['similarity_score'], args.plot)}")
+        print(f"scatter plot: {plot_scatter(first['predictions'], df['similarity_score'], args.plot)}")
     if args.json:
-        print(json.dumps(json_safe(metrics), ensure_ascii=False))
+        payload = {k: json_safe(v) for k, v in results.items()}
+        print(json.dumps(payload if len(results) > 1 else next(iter(payload.values())), ensure_ascii=False))
     return 0
+
+
+def _label(folder: str, taken: dict) -> str:
+    """A short row label: the folder's last two path parts (runs/sbert-e5/best -> sbert-e5/best)."""
+    parts = Path(folder).resolve().parts
+    label = "/".join(parts[-2:]) if len(parts) >= 2 else str(folder)
+    return label if label not in taken else f"{label}#{len(taken)}"
 
 
 if __name__ == "__main__":

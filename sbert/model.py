@@ -15,6 +15,12 @@ Only mean pooling is implemented; another pooling mode or module type is a clear
 
 `save` writes the legacy dialect (which sentence-transformers 2.x … 6.x all load) plus `model_max_length` in
 tokenizer_config.json, so both dialects' readers find the same max length.
+
+Prompts (e5's `query: ` / `passage: `) live where sentence-transformers keeps them, `prompts` in
+config_sentence_transformers.json, so a trained model keeps its base's and ST applies the same ones
+(`encode(texts, prompt_name="query")`). The memory roles: the user's message is the query, a stored
+`[key: value]` item the passage (`encode_query` / `encode_passage`; no prompt stored = no prefix, as MiniLM).
+The memory's calibrated threshold is `threshold` in ohlora_memory.json (`memory_config`), written by sbert.train.
 """
 from __future__ import annotations
 
@@ -38,6 +44,9 @@ LEGACY_TYPES = {k: f"sentence_transformers.models.{k}" for k in MODULE_KINDS}
 POOLING_FLAGS = ("pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling_mode_max_tokens",
                  "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")
 VERY_LARGE_LENGTH = 10 ** 9  # HF writes model_max_length = 1e30 when a tokenizer has no limit
+ST_CONFIG = "config_sentence_transformers.json"
+MEMORY_CONFIG = "ohlora_memory.json"  # {"threshold": cos, "calibration": {...}}: the memory's settings
+QUERY, PASSAGE = "query", "passage"    # prompt names: the user's message / a stored memory item
 
 
 class SentenceModelError(EncoderLoadError):
@@ -74,6 +83,17 @@ def _check_mean_pooling(path: Path) -> None:
         raise SentenceModelError(f"{path}: pooling mode {modes} is not supported (only mean pooling)")
 
 
+def _read_prompts(path: Path) -> dict[str, str]:
+    """`prompts` of config_sentence_transformers.json ({} when the file or key is absent)."""
+    if not path.is_file():
+        return {}
+    config = _read_json(path)
+    prompts = (config.get("prompts") if isinstance(config, dict) else None) or {}
+    if not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
+        raise SentenceModelError(f"{path}: \"prompts\" must map names to strings")
+    return prompts
+
+
 def _write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
@@ -83,12 +103,16 @@ class SentenceEncoder(nn.Module):
     """Sentence embeddings: `encode(texts) -> (N, H)` for retrieval, differentiable `forward(features)` for training."""
 
     def __init__(self, encoder: BertEncoder, tokenizer: SentenceTokenizer, *, normalize: bool = False,
-                 do_lower_case: bool = False):
+                 do_lower_case: bool = False, prompts: dict[str, str] | None = None,
+                 memory_config: dict[str, Any] | None = None):
         super().__init__()
         self.encoder = encoder
         self.tokenizer = tokenizer
         self.normalize = normalize
         self.do_lower_case = do_lower_case  # already applied inside the tokenizer; saved back
+        self.prompts: dict[str, str] = dict(prompts or {})            # name -> prefix, e.g. {"query": "query: "}
+        self.memory_config: dict[str, Any] = dict(memory_config or {})  # e.g. {"threshold": 0.83}
+        self.source: str | None = None  # the folder it was loaded from + its weights' stamp (cache identity)
 
     # ---- loading ----------------------------------------------------------------------------------------------
     @classmethod
@@ -136,7 +160,16 @@ class SentenceEncoder(nn.Module):
         tokenizer = SentenceTokenizer.from_folder(transformer_dir, model_type=config.model_type,
                                                   max_seq_length=max_len, do_lower_case=do_lower_case,
                                                   fallback_pad_id=config.pad_token_id)
-        return cls(encoder, tokenizer, normalize=normalize, do_lower_case=do_lower_case)
+        prompts = _read_prompts(folder / ST_CONFIG)
+        memory_config = _read_json(folder / MEMORY_CONFIG) if (folder / MEMORY_CONFIG).is_file() else {}
+        if not isinstance(memory_config, dict):
+            raise SentenceModelError(f"{folder / MEMORY_CONFIG}: expected a JSON object")
+        model = cls(encoder, tokenizer, normalize=normalize, do_lower_case=do_lower_case, prompts=prompts,
+                    memory_config=memory_config)
+        weights = [p for p in transformer_dir.glob("model*.safetensors")]
+        stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(weights)]
+        model.source = f"{folder.resolve()}:{stamp}"
+        return model
 
     # ---- properties -------------------------------------------------------------------------------------------
     @property
@@ -149,6 +182,16 @@ class SentenceEncoder(nn.Module):
             raise ValueError(f"max_seq_length {value} exceeds the model's {self.encoder.config.max_positions} "
                              "positions")
         self.tokenizer.max_seq_length = value
+
+    @property
+    def memory_threshold(self) -> float | None:
+        """The calibrated cosine threshold saved with the model (None: not calibrated)."""
+        value = self.memory_config.get("threshold")
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    def prompt(self, name: str | None) -> str:
+        """The prefix for a prompt name ('' when the model stores none: MiniLM gets no prefix)."""
+        return self.prompts.get(name, "") if name else ""
 
     @property
     def embedding_dim(self) -> int:
@@ -178,9 +221,18 @@ class SentenceEncoder(nn.Module):
             u = F.normalize(u, p=2, dim=-1)
         return u
 
+    def encode_query(self, texts: str | list[str], batch_size: int = 32) -> np.ndarray:
+        """Embeddings of user messages (the `query` prompt, if the model has one)."""
+        return self.encode(texts, batch_size=batch_size, prompt_name=QUERY)
+
+    def encode_passage(self, texts: str | list[str], batch_size: int = 32) -> np.ndarray:
+        """Embeddings of stored memory items (the `passage` prompt, if the model has one)."""
+        return self.encode(texts, batch_size=batch_size, prompt_name=PASSAGE)
+
     def encode(self, texts: str | list[str], batch_size: int = 32, convert_to_numpy: bool = True,
-               normalize: bool | None = None) -> np.ndarray | Tensor:
-        """Embeddings (N, H) float32 in the input order ((H,) for one string). `normalize=None` follows the model.
+               normalize: bool | None = None, prompt_name: str | None = None) -> np.ndarray | Tensor:
+        """Embeddings (N, H) float32 in the input order ((H,) for one string). `normalize=None` follows the model;
+        `prompt_name` prefixes every text with that stored prompt (as sentence-transformers' `prompt_name`).
 
         Texts are tokenized once, sorted by token count (longest first) and batched, so each batch pads only to
         rows of nearly the same length. Every text is encoded, repeated ones too (callers that hold many
@@ -188,6 +240,9 @@ class SentenceEncoder(nn.Module):
         """
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
+        prefix = self.prompt(prompt_name)
+        if prefix:
+            texts = [prefix + t for t in texts]
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         out = torch.empty(len(texts), self.embedding_dim, dtype=torch.float32)
@@ -238,8 +293,10 @@ class SentenceEncoder(nn.Module):
             _write_json(tmp / "1_Pooling" / "config.json",
                         {"word_embedding_dimension": hidden,
                          **{k: k == "pooling_mode_mean_tokens" for k in POOLING_FLAGS}, "include_prompt": True})
-            _write_json(tmp / "config_sentence_transformers.json",
-                        {"prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine"})
+            _write_json(tmp / ST_CONFIG,
+                        {"prompts": dict(self.prompts), "default_prompt_name": None, "similarity_fn_name": "cosine"})
+            if self.memory_config:
+                _write_json(tmp / MEMORY_CONFIG, self.memory_config)
 
         if atomic:
             atomic_write_dir(folder, write)
@@ -249,4 +306,4 @@ class SentenceEncoder(nn.Module):
         return folder
 
 
-__all__ = ["SentenceEncoder", "SentenceModelError"]
+__all__ = ["SentenceEncoder", "SentenceModelError", "QUERY", "PASSAGE", "MEMORY_CONFIG"]

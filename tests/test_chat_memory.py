@@ -74,7 +74,7 @@ def test_exact_threshold_is_inclusive_and_cache_follows_items():
     assert sum(1 for c in enc.calls if c != ["q"]) == n_item_encodes  # cached
     store.add("[c: d]")
     store.best_memory("q")
-    assert enc.calls[-2] == ["[a: b]", "[c: d]"]  # recomputed after the change
+    assert enc.calls[-2] == ["[c: d]"]  # only the new item is encoded after the change
 
 
 def test_add_dedupe_replace_remove():
@@ -140,3 +140,52 @@ def test_cli(tmp_path, capsys, minilm_dir_path):
     store.write_text("broken line\n", encoding="utf-8")
     assert main(["--query", "x", "--memory-store", str(store), "--model", str(minilm_dir_path)]) == 2
     assert "line 1" in capsys.readouterr().err
+
+
+def test_item_embeddings_cached_until_an_item_or_the_model_changes():
+    """A query costs one encode of the message; items are encoded once, again only when they or the model change."""
+    angles = {f"[k{i}: v]": float(i) for i in range(1000)} | {"[k0: new]": 45.0, "q": 0.5}
+    enc = StubEncoder(angles)
+    store = MemoryStore([f"[k{i}: v]" for i in range(1000)], encoder=enc)
+    for _ in range(3):
+        assert store.scores("q")[0][0] in ("[k0: v]", "[k1: v]")
+    assert [len(c) for c in enc.calls] == [1000, 1, 1, 1]          # items once, then one query encode each
+    assert store.add("[k0: new]")                                  # a replaced value: only it is encoded
+    store.scores("q")
+    assert enc.calls[-2:] == [["[k0: new]"], ["q"]]
+    store.remove("k5")
+    store.scores("q")
+    assert enc.calls[-1] == ["q"]                                  # removing needs no encode
+    other = StubEncoder(angles)                                    # another model: everything afresh
+    store.encoder = other
+    store.scores("q")
+    assert [len(c) for c in other.calls] == [999, 1]
+    other.source = "reloaded with changed weights"                 # the same object, new weights stamp
+    store.scores("q")
+    assert [len(c) for c in other.calls] == [999, 1, 999, 1]
+
+
+def test_store_applies_the_models_prompts(tmp_path):
+    """e5-style prompts live in the model folder and are applied inside the encoder: passages for items,
+    queries for messages; a folder without prompts (MiniLM) gets the plain texts."""
+    from sbert.model import SentenceEncoder
+    from tests.sbert_fixtures import save_tiny_hf_encoder, save_tiny_st
+
+    save_tiny_st(tmp_path / "st", save_tiny_hf_encoder(tmp_path / "hf"), normalize=True)
+    plain = SentenceEncoder.load(tmp_path / "st")
+    assert plain.prompt("query") == plain.prompt("passage") == ""   # ST 6.x writes empty prompts
+    prompted = SentenceEncoder.load(tmp_path / "st")
+    prompted.prompts = {"query": "query: ", "passage": "passage: "}
+    prompted.save(tmp_path / "e5like")
+    model = SentenceEncoder.load(tmp_path / "e5like")               # a saved (trained) model keeps them
+    assert model.prompts == {"query": "query: ", "passage": "passage: "}
+    for enc, pre_q, pre_p in ((model, "query: ", "passage: "), (plain, "", "")):
+        seen = []
+        encode = enc.tokenizer.encode
+        enc.tokenizer.encode = lambda texts, _e=encode: (seen.append(list(texts)), _e(texts))[1]
+        store = MemoryStore(["[취미: 등산]", "[오늘 일정: 카페]"], encoder=enc)
+        ranked = store.scores("오늘 뭐 해?")
+        assert seen == [[pre_p + "[취미: 등산]", pre_p + "[오늘 일정: 카페]"], [pre_q + "오늘 뭐 해?"]]
+        want_q = enc.encode([pre_q + "오늘 뭐 해?"])[0]
+        want_p = enc.encode([pre_p + t for t, _ in ranked])
+        assert [s for _, s in ranked] == pytest.approx(list(want_p @ want_q), abs=1e-5)

@@ -12,8 +12,11 @@ import torch.nn.functional as F
 
 from sbert.evaluate import bundled_pairs, evaluate, load_pairs
 from sbert.model import SentenceEncoder
-from sbert.train import (NO_DECAY, PairLoss, TokenCache, TrainConfig, default_base, default_max_seq_length,
-                         make_batches, plan_forwards, split_train_valid, train)
+from chat.memory import MemoryStore
+from sbert.bases import bundled_minilm_dir
+from sbert.calibrate import pick_threshold, rates
+from sbert.train import (LOSSES, NO_DECAY, PairLoss, TokenCache, TrainConfig, default_max_seq_length,
+                         key_score_table, make_batches, mnr, mnr_mse, plan_forwards, split_train_valid, train)
 from train.optim import build_adamw
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def minilm():
-    model = SentenceEncoder.load(default_base())
+    model = SentenceEncoder.load(bundled_minilm_dir())
     model.max_seq_length = 128
     return model
 
@@ -94,7 +97,8 @@ def test_optimizer_has_no_decay_on_bias_and_layernorm(minilm):
 
 def test_short_training_lowers_test_mse_and_best_checkpoint_reloads(tmp_path):
     out = tmp_path / "run"
-    result = train(TrainConfig(limit=400, epochs=1, batch_size=16, output=str(out), progress=False, log_every=5))
+    result = train(TrainConfig(base=str(bundled_minilm_dir()), loss="cosine-mse", limit=400, epochs=1, batch_size=16,
+                               output=str(out), progress=False, log_every=5))
     before, best = result.test["before"], result.test["best"]
     assert result.global_step == 23                            # 360 training pairs / 16, rounded up
     assert best["mse"] < 0.75 * before["mse"], (before["mse"], best["mse"])
@@ -109,9 +113,51 @@ def test_short_training_lowers_test_mse_and_best_checkpoint_reloads(tmp_path):
     assert [r["eval_loss"] for r in log if "eval_loss" in r] == [pytest.approx(result.best_eval_loss)]
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG" and (out / "test_scatter.png").is_file()
     assert (out / "last" / "model.safetensors").is_file()
+    # the calibrated threshold is saved with the model and read back by the memory store
+    saved = json.loads((out / "best" / "ohlora_memory.json").read_text(encoding="utf-8"))
+    assert -1.0 <= saved["threshold"] <= 1.0 and saved["calibration"]["false_prepend"] <= 0.10
+    assert saved["calibration"]["n_unrelated"] == 40 and saved["calibration"]["n_related"] == 20
+    assert best["threshold"] == saved["threshold"]
+    store = MemoryStore(["[취미: 등산]"], encoder=SentenceEncoder.load(out / "best"))
+    assert store.threshold == saved["threshold"] != 0.6
+    assert SentenceEncoder.load(out / "best").prompts == {}  # MiniLM: no prefixes
 
 
 def test_cli_bad_base_exits_2(tmp_path):
     run = subprocess.run([sys.executable, "-m", "sbert.train", "--model", str(tmp_path / "no-model"),
                           "--output-dir", str(tmp_path / "o"), "--test", ""], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 2 and "no-model" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_mnr_equals_hand_computed_value():
+    """Toy batch of 3 positive pairs in 2-d; memory 2 has message 0's key too (a false negative, masked)."""
+    deg = lambda a: torch.tensor([np.cos(np.deg2rad(a)), np.sin(np.deg2rad(a))], dtype=torch.float64)  # noqa: E731
+    u = torch.stack([deg(0), deg(90), deg(45)]) * 2.0          # memories (not unit: the loss normalises)
+    v = torch.stack([deg(30), deg(80), deg(40)])               # messages
+    scores = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]], dtype=torch.float64)
+    s = 20.0
+    cos = lambda a, b: np.cos(np.deg2rad(a - b))  # noqa: E731
+    # row 0: candidates memory 0 (target) and 1 (memory 2 masked); row 1: all three; row 2: memories 1, 2
+    want = (-np.log(np.exp(s * cos(30, 0)) / (np.exp(s * cos(30, 0)) + np.exp(s * cos(30, 90))))
+            - np.log(np.exp(s * cos(80, 90)) / sum(np.exp(s * cos(80, a)) for a in (0, 90, 45)))
+            - np.log(np.exp(s * cos(40, 45)) / (np.exp(s * cos(40, 45)) + np.exp(s * cos(40, 90)))))
+    loss, n = mnr(u, v, scores, scale=s)
+    assert n == 3 and loss.item() == pytest.approx(want, abs=1e-9)
+    assert loss.item() == pytest.approx(0.0372688559, abs=1e-9)  # the same number, written down
+    mse = sum((cos(m, a) - scores[i, j].item()) ** 2 for i, m in enumerate((30, 80, 40))
+              for j, a in enumerate((0, 90, 45))) / 3
+    mixed, n = mnr_mse(u, v, scores, scale=s, mse_weight=0.5)
+    assert n == 3 and mixed.item() == pytest.approx(want + 0.5 * mse, abs=1e-9)
+    assert set(LOSSES) == {"cosine-mse", "mnr", "mnr+mse"}
+
+
+def test_key_score_table_and_threshold_pick():
+    table = key_score_table(["[오늘 일정: 면접]", "[좋아하는 아이돌: 아이브]", "[좋아하는 가수: 임영웅]", "[오늘 기분: 설렘]"])
+    np.testing.assert_allclose(table, [[1, 0, 0, .3333], [0, 1, 1, 0], [0, 1, 1, 0], [.3333, 0, 0, 1]], atol=1e-6)
+    # 10 unrelated best cosines: at most 1 may pass -> just above the 2nd highest (0.7)
+    unrelated = np.array([0.9, 0.7, 0.65, 0.3, 0.2, 0.1, 0.0, 0.5, 0.4, 0.6])
+    t = pick_threshold(unrelated, 0.10)
+    assert t == 0.7001
+    best = {"unrelated": unrelated, "related": np.array([0.95, 0.71, 0.69, 0.8]),
+            "related_right": np.array([True, True, True, False])}
+    assert rates(best, t) == {"false_prepend": 0.1, "miss": 0.5, "wrong_item": 0.25}
