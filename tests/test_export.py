@@ -40,12 +40,22 @@ def base(request, tmp_path_factory):
 
 
 def rounded(merged, kind: str):
-    """The merged model with every 2-D weight rounded as the file stores it (F16 / BF16)."""
+    """The merged model with every 2-D weight rounded as the file stores it (F16 / BF16 casts; Q8_0 through
+    gguf's own quantize + dequantize, rows of 32 values with one f16 scale)."""
     import copy
+
+    import gguf
+    from gguf.quants import dequantize, quantize
     out = copy.deepcopy(merged)
+    q8 = gguf.GGMLQuantizationType.Q8_0
     with torch.no_grad():
         for p in out.parameters():
-            if p.dim() == 2:
+            if p.dim() != 2:
+                continue
+            if kind == "q8_0":
+                w = p.numpy()
+                p.copy_(torch.from_numpy(dequantize(quantize(w, q8), q8).reshape(w.shape)))
+            else:
                 p.copy_(p.to(ROUND[kind]).float())
     return out
 
@@ -99,9 +109,8 @@ def test_bf16_and_q8_0_read_back_by_transformers_and_ours(base, tmp_path, kind, 
         back = ours(ids)
     got = hf_gguf_logits(out, ids)
     assert diff(back, got) < 1e-4  # both readers read the same values
-    if kind in ROUND:
-        with torch.no_grad():
-            assert diff(back, rounded(merged, kind)(ids)) < EXACT
+    with torch.no_grad():  # the file holds the merged weights as rounded by its type, nothing else
+        assert diff(back, rounded(merged, kind)(ids)) < EXACT
     assert diff(back, want) < VS_FP32[kind], f"{kind} export vs the fp32 merged model"
 
 
@@ -157,3 +166,45 @@ def test_neox_base_is_refused_for_gguf(tmp_path, capsys):
     assert export_main(["--adapter", str(tmp_path / "adapter"), "--gguf", str(tmp_path / "x.gguf")]) == 2
     err = capsys.readouterr().err.strip()
     assert "Gemma" in err and "--hf" in err and "\n" not in err
+
+
+def test_neox_base_exports_an_hf_folder(tmp_path, one_thread):
+    from neox_fixtures import save_tiny_hf_neox, train_tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from gptneox import load_model
+
+    folder = save_tiny_hf_neox(tmp_path / "neox")
+    train_tiny_tokenizer(folder)
+    model = load_model(folder)
+    lora.inject_lora(model, lora.LoRAConfig(r=4, alpha=8))
+    randomize_lora(model, seed=4)
+    lora.save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(folder))
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model.eval()(ids)
+    assert export_main(["--adapter", str(tmp_path / "adapter"), "--hf", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert diff(hf(input_ids=ids).logits, want) < 1e-4
+
+
+def test_settings_gguf_cannot_carry_are_refused(tmp_path):
+    """The tiny test Gemma-3 (1:1 sliding pattern, local rope base 50) would run wrong in llama.cpp: refused."""
+    from gemma import GGUFError, load_model
+    from gemma.gguf_write import write_gguf
+    from gemma_fixtures import save_tiny_hf_gemma
+
+    model = load_model(save_tiny_hf_gemma(tmp_path / "m", "gemma3"))
+    with pytest.raises(GGUFError, match="cannot be written as GGUF: layer_types .*rope_local_base_freq 50"):
+        write_gguf(model, tmp_path / "x.gguf", "f16", metadata={})
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_adapter_without_a_recorded_base_needs_model(tmp_path, capsys):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text('{"base_model_name_or_path": null}')
+    assert export_main(["--adapter", str(tmp_path / "adapter"), "--hf", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "base_model_name_or_path" in err and "--model" in err and "\n" not in err
