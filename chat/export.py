@@ -60,13 +60,22 @@ def base_path(adapter: str | Path, model: str | None) -> Path:
 
 
 def merged_model(adapter: str | Path, source):
-    """The base (a train.models.ModelSource) loaded in fp32, the adapter loaded onto it and merged in (eval)."""
+    """(merged model in fp32, eval; the opened GGUFFile of a GGUF base or None): the base (a train.models
+    ModelSource) loaded, the adapter loaded onto it and merged in."""
     from lora import load_adapter, merge_lora
     from train.models import load_causal_lm
 
-    model, _ = load_causal_lm(source.path, torch.float32)  # checks the tokenizer fits the model, too
+    gguf_file = None
+    if source.format == "gguf":  # parsed once (262k vocabulary pieces: seconds): weights + tokenizer metadata
+        from gemma.gguf_io import GGUFFile
+        from gemma.load import load_gguf
+
+        gguf_file = GGUFFile.open(source.path)
+        model = load_gguf(gguf_file, torch.float32)
+    else:
+        model, _ = load_causal_lm(source.path, torch.float32)  # checks the tokenizer fits the model, too
     load_adapter(model, adapter)
-    return merge_lora(model).eval()
+    return merge_lora(model).eval(), gguf_file
 
 
 def check_gguf_family(source) -> None:
@@ -76,7 +85,7 @@ def check_gguf_family(source) -> None:
                           f"convert_hf_to_gguf.py")
 
 
-def export_hf(model, source, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+def export_hf(model, source, out_dir: str | Path, dtype: torch.dtype = torch.float32, gguf_file=None) -> Path:
     """Merged weights + config + tokenizer files as one new HF folder (swapped in whole)."""
     if source.package == "gemma":  # each family writes its own config.json and tied-weight convention
         from gemma.load import save_pretrained
@@ -90,7 +99,7 @@ def export_hf(model, source, out_dir: str | Path, dtype: torch.dtype = torch.flo
             from gemma.gguf_io import GGUFFile
             from gemma.tokenizer import tokenizer_files, tokenizer_from_gguf
 
-            f = GGUFFile.open(source.path)
+            f = gguf_file or GGUFFile.open(source.path)
             for name, text in tokenizer_files(tokenizer_from_gguf(f), f).items():
                 (tmp / name).write_text(text, encoding="utf-8")
         else:
@@ -101,14 +110,14 @@ def export_hf(model, source, out_dir: str | Path, dtype: torch.dtype = torch.flo
     return atomic_write_dir(out_dir, write)
 
 
-def export_gguf(model, source, out: str | Path, kind: str = "f16") -> Path:
+def export_gguf(model, source, out: str | Path, kind: str = "f16", gguf_file=None) -> Path:
     """Merged Gemma model as a GGUF file with 2-D tensors in `kind` (f16 | bf16 | q8_0)."""
     from gemma.gguf_write import tokenizer_metadata, write_gguf
 
     check_gguf_family(source)
     if source.format == "gguf":
         from gemma.gguf_io import GGUFFile
-        metadata = GGUFFile.open(source.path).metadata  # tokenizer.* and general.license carried over
+        metadata = (gguf_file or GGUFFile.open(source.path)).metadata  # tokenizer.*, general.license carried over
     else:
         metadata = tokenizer_metadata(source.path)
     return write_gguf(model, out, kind, metadata=metadata, name=Path(out).stem)
@@ -124,21 +133,26 @@ def main(argv: list[str] | None = None) -> int:
     out = ap.add_mutually_exclusive_group(required=True)
     out.add_argument("--hf", type=check_output_dir, metavar="OUT_DIR", help="write an HF model folder")
     out.add_argument("--gguf", type=check_output_file, metavar="OUT.gguf", help="write a GGUF file (Gemma only)")
-    ap.add_argument("--type", choices=GGUF_TYPES, default="f16",
-                    help="GGUF tensor type of the 2-D weights (norms stay F32)")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="HF folder weights dtype")
+    ap.add_argument("--type", choices=GGUF_TYPES, default=None,
+                    help="with --gguf: tensor type of the 2-D weights, norms stay F32 (default: f16)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="with --hf: weights dtype (default: fp32)")
     args = ap.parse_args(argv)
+    if args.hf and args.type:
+        ap.error("--type: sets the GGUF tensor type; with --hf use --dtype fp32|bf16")
+    if args.gguf and args.dtype:
+        ap.error("--dtype: sets the HF folder's weights dtype; with --gguf use --type f16|bf16|q8_0")
+    args.type, args.dtype = args.type or "f16", args.dtype or "fp32"
     base = base_path(args.adapter, args.model)
     source = inspect_model(base)
     if args.gguf:
         check_gguf_family(source)  # before minutes of loading
     t0 = time.perf_counter()
-    model = merged_model(args.adapter, source)
+    model, gguf_file = merged_model(args.adapter, source)
     if args.gguf:
-        path = export_gguf(model, source, args.gguf, args.type)
+        path = export_gguf(model, source, args.gguf, args.type, gguf_file)
         what = f"GGUF, {args.type}"
     else:
-        path = export_hf(model, source, args.hf, DTYPES[args.dtype])
+        path = export_hf(model, source, args.hf, DTYPES[args.dtype], gguf_file)
         what = f"HF folder, {args.dtype}"
     size = sum(p.stat().st_size for p in ([path] if path.is_file() else path.iterdir()))
     print(f"wrote {path} ({what}, {size / 1e6:.1f} MB): {base} + {args.adapter} merged, "

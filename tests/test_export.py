@@ -153,7 +153,9 @@ def test_bad_input(base, tmp_path, capsys):
     assert export_main(["--adapter", str(adapter), "--gguf", str(tmp_path / "x.gguf"), "--type", "q4_k"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--type" in err and "q4_k" in err and "\n" not in err
-    assert not (tmp_path / "x.gguf").exists()
+    assert export_main(["--adapter", str(adapter), "--hf", str(tmp_path / "out"), "--type", "q8_0"]) == 2
+    assert "--type" in capsys.readouterr().err
+    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "out").exists()
 
 
 def test_neox_base_is_refused_for_gguf(tmp_path, capsys):
