@@ -27,6 +27,11 @@ step, never a re-decode of the whole answer:
 * Streaming holds back the longest tail that could still become a stop string (and trailing whitespace, so the
   concatenated stream equals the returned, stripped answer exactly).
 
+Batch-1 prefix reuse (`PrefixCache`, what `python -m chat` passes): the KV cache of the previous call is kept
+with the ids it holds (that prompt + its answer but the last token); the next prompt prefills only what follows
+the longest shared token prefix (`KVCache.truncate` drops the rest). Chat turns share little (each turn's
+prompt is one templated message), but a retried empty answer re-prefills only its last prompt token.
+
 Processing order matches HF: repetition penalty, then temperature, top-k, top-p; greedy takes the argmax of
 the penalised logits. Temperature 0 or `do_sample=False` means greedy.
 """
@@ -38,6 +43,7 @@ from typing import Callable, Sequence
 import torch
 
 from core.causal_lm import CausalLM
+from core.kv_cache import KVCache
 from core.cli import COUNT, NONNEG, POSITIVE, check_config, flag
 
 StreamFn = Callable[[int, str], None]
@@ -233,6 +239,39 @@ class GenerationOutput:
     finish_reasons: list[str] = field(default_factory=list)  # "eos" | "stop" | "length"
 
 
+class PrefixCache:
+    """A batch-1 KV cache kept between `generate` calls, with the token ids it holds.
+
+    `take(model, ids)` returns (cache, n): the cache truncated to the longest prefix it shares with `ids` (at
+    most len(ids) - 1 tokens, so the prefill yields the last position's logits), and n, the positions reused;
+    `keep(ids)` records what the cache holds after a generation. Another model (or an interrupted call, which
+    never reaches `keep`) starts from an empty cache. `reused` / `prefilled`: the last call's token counts."""
+
+    def __init__(self) -> None:
+        self.cache: KVCache | None = None
+        self.ids: list[int] = []
+        self.model_id: int | None = None
+        self.reused = self.prefilled = 0
+
+    def take(self, model: torch.nn.Module, ids: list[int]) -> tuple[KVCache, int]:
+        if self.cache is None or self.model_id != id(model):
+            self.cache, self.ids, self.model_id = model.new_cache(), [], id(model)
+        shared = 0
+        for a, b in zip(self.ids, ids):
+            if a != b:
+                break
+            shared += 1
+        shared = min(shared, len(ids) - 1, self.cache.length)
+        self.cache.truncate(shared)
+        self.ids = []                  # not valid until keep(): an interrupted generation leaves it empty
+        self.reused, self.prefilled = shared, len(ids) - shared
+        return self.cache, shared
+
+    def keep(self, ids: list[int]) -> None:
+        assert self.cache is not None and len(ids) == self.cache.length, (len(ids), self.cache)
+        self.ids = ids
+
+
 def _last_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                  position_ids: torch.Tensor, cache) -> torch.Tensor:
     """(B,V) logits of the last position. A model following the causal-LM contract (core/causal_lm.py) runs
@@ -253,10 +292,12 @@ def _make_generator(config: SamplingConfig, device: torch.device) -> torch.Gener
 def generate_batch(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                    config: SamplingConfig | None = None, *, eos_token_id: int | None = None,
                    pad_token_id: int = 0, decode: DecodeFn | None = None, stream: StreamFn | None = None,
-                   use_cache: bool = True, generator: torch.Generator | None = None) -> GenerationOutput:
+                   use_cache: bool = True, generator: torch.Generator | None = None,
+                   prefix_cache: PrefixCache | None = None) -> GenerationOutput:
     """Generate for a left-padded batch. Stop strings and texts need `decode` (ids -> str); without it the
     loop works on ids only (EOS and max_new_tokens). `use_cache=False` recomputes the full forward every step
-    (the reference the KV cache is checked against; slow)."""
+    (the reference the KV cache is checked against; slow). `prefix_cache` (batch 1, no padding): reuse the
+    previous call's cache for the shared token prefix, and keep this call's for the next."""
     config = config or SamplingConfig()
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"generate: input_ids must be (batch, length>0), got {tuple(input_ids.shape)}")
@@ -283,11 +324,18 @@ def generate_batch(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     next_pos = positions[:, -1:] + 1                                          # (B,1)
     seen = None                                     # (B,V) bool, tokens in each row (repetition penalty)
 
-    cache = model.new_cache() if use_cache else None
+    reuse = prefix_cache is not None and use_cache and batch == 1 and not padded
+    prompt_ids = input_ids[0].tolist() if reuse else []
+    fed: list[int] = []                                                       # decode tokens fed to the cache
+    skip = 0                                                                  # prompt positions already cached
+    if reuse:
+        cache, skip = prefix_cache.take(model, prompt_ids)
+    else:
+        cache = model.new_cache() if use_cache else None
     sequence = input_ids                                                      # only used without a cache
     if max_new > 0:
         mask = full_mask[:, :prompt_len] if padded else None
-        logits = _last_logits(model, input_ids, mask, positions, cache)       # (B,V)
+        logits = _last_logits(model, input_ids[:, skip:], mask, positions[:, skip:], cache)   # (B,V)
     for step in range(max_new):
         if config.repetition_penalty != 1.0 and seen is None:
             vocab = logits.shape[-1]
@@ -316,12 +364,16 @@ def generate_batch(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
         total = prompt_len + step + 1
         if use_cache:
             logits = _last_logits(model, step_ids, full_mask[:, :total] if padded else None, next_pos, cache)
+            if reuse:
+                fed.append(token_list[0])
         else:
             sequence = torch.cat([sequence, step_ids], dim=1)                 # (B,total)
             pos = torch.cat([positions, positions[:, -1:] + torch.arange(1, step + 2, device=device)], dim=1)
             logits = _last_logits(model, sequence, full_mask[:, :total] if padded else None, pos, None)
         next_pos = next_pos + 1
 
+    if reuse:
+        prefix_cache.keep((prompt_ids if max_new > 0 else prompt_ids[:skip]) + fed)
     texts = [row.finish() for row in rows] if rows is not None else []
     return GenerationOutput(new_ids, texts, reasons)
 
@@ -333,17 +385,18 @@ def generate_ids(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
 
 
 def generate(model: torch.nn.Module, tokenizer, prompts: list[str], config: SamplingConfig | None = None,
-             stream: StreamFn | None = None) -> list[str]:
+             stream: StreamFn | None = None, prefix_cache: PrefixCache | None = None) -> list[str]:
     """Answers for `prompts` (a list of already templated prompt strings), stop string cut, stripped.
 
     A row whose answer comes out empty is generated again (fresh sampling) up to `config.max_trials` times in
     all; greedy decoding is deterministic, so it gets a single trial. `stream(row, piece)` receives the text
-    as it is produced; the pieces of a row concatenate to exactly its returned answer."""
-    return generate_detailed(model, tokenizer, prompts, config, stream).texts
+    as it is produced; the pieces of a row concatenate to exactly its returned answer. `prefix_cache`: see
+    `PrefixCache` (used for single-prompt calls)."""
+    return generate_detailed(model, tokenizer, prompts, config, stream, prefix_cache).texts
 
 
 def generate_detailed(model: torch.nn.Module, tokenizer, prompts: list[str], config: SamplingConfig | None = None,
-                      stream: StreamFn | None = None) -> GenerationOutput:
+                      stream: StreamFn | None = None, prefix_cache: PrefixCache | None = None) -> GenerationOutput:
     """`generate` with each answer's token ids and finish reason ("eos" | "stop" | "length") of its last trial."""
     config = config or SamplingConfig()
     if isinstance(prompts, str):
@@ -356,13 +409,14 @@ def generate_detailed(model: torch.nn.Module, tokenizer, prompts: list[str], con
     was_training = model.training
     model.eval()                                    # no dropout while generating (restored afterwards)
     try:
-        return _generate_with_retries(model, tokenizer, prompts, config, stream, device, generator)
+        return _generate_with_retries(model, tokenizer, prompts, config, stream, device, generator, prefix_cache)
     finally:
         model.train(was_training)
 
 
 def _generate_with_retries(model, tokenizer, prompts: list[str], config: SamplingConfig, stream: StreamFn | None,
-                           device: torch.device, generator: torch.Generator | None) -> GenerationOutput:
+                           device: torch.device, generator: torch.Generator | None,
+                           prefix_cache: PrefixCache | None = None) -> GenerationOutput:
     eos = getattr(tokenizer, "eos_token_id", None)
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = pad if pad is not None else (eos if eos is not None else 0)
@@ -380,7 +434,8 @@ def _generate_with_retries(model, tokenizer, prompts: list[str], config: Samplin
             index = list(todo)
             row_stream = lambda r, piece: stream(index[r], piece)  # noqa: E731  (map sub-batch rows back)
         out = generate_batch(model, input_ids.to(device), attention_mask.to(device), config, eos_token_id=eos,
-                             pad_token_id=pad, decode=decode, stream=row_stream, generator=generator)
+                             pad_token_id=pad, decode=decode, stream=row_stream, generator=generator,
+                             prefix_cache=prefix_cache if len(todo) == 1 else None)
         for k, i in enumerate(todo):
             answers[i], ids[i], reasons[i] = out.texts[k], out.token_ids[k], out.finish_reasons[k]
         todo = [i for i in todo if not answers[i]]
