@@ -6,6 +6,7 @@ decoding (bf16 weights bytes / measured memory bandwidth), and peak RSS of loadi
 
     flock /tmp/ohlora-heavy.lock python -m bench.forward            # full run (~10 GB RAM peak, minutes)
     python -m bench.forward --layers 2 --repeats 1 --skip-rss       # quick smoke run
+    python -m bench.forward --gemma [--dtype fp32]                  # the real gemma-3-270m: bench.forward_gemma.run
 
 The random 1.3B folder (fp16, 3 shards + index, like the real download) is cached under /tmp.
 """
@@ -147,7 +148,16 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--folder", default="/tmp/ohlora-bench-polyglot-1.3b")
     ap.add_argument("--skip-rss", action="store_true")
+    ap.add_argument("--gemma", action="store_true", help="the real gemma-3-270m GGUF instead (bench.forward_gemma; "
+                                                          "--steps/--repeats/--decode-repeats/--prompt-len apply, "
+                                                          "--skip-rss skips its load subprocesses)")
+    ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="with --gemma")
     args = ap.parse_args()
+    if args.gemma:
+        from bench.forward_gemma import run as run_gemma
+        print(json.dumps(run_gemma(args.dtype, args.steps, args.repeats, args.decode_repeats, args.prompt_len,
+                                   args.skip_rss)))
+        return
     from transformers import GPTNeoXForCausalLM as HFModel
 
     config = GPTNeoXConfig.polyglot_ko_1_3b()

@@ -36,7 +36,8 @@ from data.sft import PromptTemplate
 from chat.memory import MemoryStore, load_memory_encoder
 from sbert.bases import TRAINED_DIR
 from data.memory_items import ITEM_PATTERN, extract_memory_items, strip_memory_items
-from train.sampler import SamplingConfig, generate
+import train.sampler
+from train.sampler import PrefixCache, SamplingConfig, generate
 
 DEFAULT_BASE = Path("runs/sft/base")
 DEFAULT_ADAPTER = Path("runs/sft/best")
@@ -113,7 +114,9 @@ class ItemFilter:
 
 class ChatSession:
     """Model + tokenizer + memory. `reply(message)` runs one turn; `generate_fn` is the sampler (swappable so
-    tests can force an exact answer)."""
+    tests can force an exact answer). The real sampler gets the session's `PrefixCache`: a turn prefills only
+    the tokens after the prefix it shares with the previous turn's prompt + answer (and a retry of an empty
+    answer only the prompt's last token)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, config: SamplingConfig | None = None,
                  memory: MemoryStore | None = None, *, use_memory_search: bool = True,
@@ -124,6 +127,7 @@ class ChatSession:
         self.use_memory_search = use_memory_search and memory is not None
         self.template = template or PromptTemplate()
         self.generate_fn = generate_fn
+        self.prefix_cache = PrefixCache()
 
     def reply(self, message: str, stream: Callable[[str], None] | None = None) -> ChatReply:
         message = " ".join((message or "").split())
@@ -134,7 +138,8 @@ class ChatSession:
         item_filter = ItemFilter(stream) if stream is not None else None
         on_piece = (lambda _row, piece: item_filter.feed(piece)) if item_filter is not None else None
         generate_fn = self.generate_fn or generate   # looked up at call time (tests patch chat.cli.generate)
-        raw = generate_fn(self.model, self.tokenizer, [prompt], self.config, stream=on_piece)[0]
+        extra = {"prefix_cache": self.prefix_cache} if generate_fn is train.sampler.generate else {}
+        raw = generate_fn(self.model, self.tokenizer, [prompt], self.config, stream=on_piece, **extra)[0]
         if item_filter is not None:
             item_filter.close()
         stored = []

@@ -46,3 +46,9 @@ class KVCache:
         for i, (k, v) in enumerate(zip(self.keys, self.values)):
             if k is not None:
                 self.keys[i], self.values[i] = k.index_select(0, rows), v.index_select(0, rows)
+
+    def truncate(self, length: int) -> None:
+        """Forget the positions from `length` on (prefix reuse: the next forward overwrites them in place)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"KVCache.truncate: length {length} outside [0, {self.length}]")
+        self.length = length

@@ -188,3 +188,32 @@ def test_cli_default_uses_adapter_base(model_and_adapter, tmp_path, monkeypatch,
     assert chat.main(["--once", "안녕"]) == 0
     assert capsys.readouterr().out == "네!\n"
     assert not (tmp_path / "runs/memory.txt").exists()        # nothing to store: no file written
+
+
+def test_turns_reuse_the_kv_cache_prefix(model_and_adapter, tmp_path):
+    """Real sampler, tiny model: replies with the session's prefix cache equal those without (greedy); the
+    shared prefix between turns is what the single-turn template allows — the memory item in front when the
+    same item is recalled, else (nearly) nothing — and a prompt repeated is prefilled from its last token."""
+    import train.sampler as sampler
+    base, adapter = model_and_adapter
+    model, tok = chat.load_chat_model(base, adapter)
+    cfg = SamplingConfig(do_sample=False, max_new_tokens=10)
+    items = "[오늘 일정: 친구랑 카페 방문]\n[오늘 날씨: 하루 종일 비]\n"
+    (tmp_path / "a.txt").write_text(items, encoding="utf-8")
+    (tmp_path / "b.txt").write_text(items, encoding="utf-8")
+    reuse = ChatSession(model, tok, cfg, MemoryStore.load(tmp_path / "a.txt", encoder=KeywordEncoder()))
+    fresh = ChatSession(model, tok, cfg, MemoryStore.load(tmp_path / "b.txt", encoder=KeywordEncoder()),
+                        generate_fn=lambda *a, **k: sampler.generate(*a, **k))
+    messages = ["오늘 뭐 해?", "오늘 계획 있어?", "비 와?", "비 와?"]
+    shared, lengths = [], []
+    for m in messages:
+        a, b = reuse.reply(m), fresh.reply(m)
+        assert (a.raw, a.prompt) == (b.raw, b.prompt)
+        shared.append(reuse.prefix_cache.reused)
+        lengths.append(len(tok.encode(a.prompt)))
+        assert reuse.prefix_cache.reused + reuse.prefix_cache.prefilled == len(tok.encode(a.prompt))
+    item = len(tok.encode("[오늘 일정: 친구랑 카페 방문]"))
+    assert shared[0] == 0 and shared[1] >= item - 1            # the same memory item in front: reused
+    assert shared[3] == lengths[3] - 1                          # the same prompt again
+    print(f"\nprompt tokens reused / prompt length per turn: {list(zip(shared, lengths))}")
+    assert fresh.prefix_cache.cache is None                    # a custom generate_fn gets no cache

@@ -327,3 +327,65 @@ def test_packed_linears_same_logits_and_tokens(dtype):
     else:
         torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
     assert generate_ids(model, ids, None, GREEDY) == tokens
+
+
+# ---------------------------------------------------------------------------------------------------------
+# KV-cache prefix reuse across calls (python -m chat's turns)
+# ---------------------------------------------------------------------------------------------------------
+
+def _tiny_gemma(tmp_path):
+    from gemma.load import load_model
+    from tests.gemma_fixtures import save_tiny_hf_gemma
+    return load_model(save_tiny_hf_gemma(tmp_path / "g", "gemma3", max_position_embeddings=256)).eval()
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "gemma3"])
+def test_prefix_cache_reuse_equals_fresh_and_prefills_less(family, tmp_path):
+    """Turns sharing a prefix with what the cache holds (previous prompt + answer) prefill only the rest, and
+    the greedy answers equal a fresh cache's; a different prompt, a retry and another model are handled. The
+    Gemma model's sliding window (6) is far shorter than the reused prefixes."""
+    from train.sampler import PrefixCache, generate_batch
+    model = tiny_model() if family == "gpt_neox" else _tiny_gemma(tmp_path)
+    vocab = model.config.vocab_size
+    rand = lambda n, s: torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(s)).tolist()  # noqa
+    cfg = SamplingConfig(do_sample=False, max_new_tokens=12, stop_strings=())
+    pc = PrefixCache()
+
+    def both(prompt: list[int]) -> list[int]:
+        ids = torch.tensor([prompt])
+        fresh = generate_batch(model, ids, None, cfg).token_ids[0]
+        reused = generate_batch(model, ids, None, cfg, prefix_cache=pc).token_ids[0]
+        assert reused == fresh and len(fresh) == 12
+        assert pc.reused + pc.prefilled == len(prompt) and pc.cache.length == len(prompt) + 11
+        return fresh
+
+    p1 = rand(9, 0)
+    a1 = both(p1)
+    assert (pc.reused, pc.prefilled) == (0, 9)
+    p2 = p1 + a1 + rand(5, 1)                 # next turn = history + new message: only 1 + 5 tokens prefilled
+    a2 = both(p2)
+    assert (pc.reused, pc.prefilled) == (9 + 11, 6)
+    p3 = p2[:4] + rand(7, 2)                  # shares 4 tokens (e.g. a memory item in front)
+    both(p3)
+    assert (pc.reused, pc.prefilled) == (4, 7)
+    both(p3)                                  # the same prompt again (a retry): only its last token
+    assert (pc.reused, pc.prefilled) == (10, 1)
+    both(rand(6, 3)[:1] + p3)                 # nothing shared at the start
+    assert pc.reused == 0
+    other = tiny_model(seed=7) if family == "gpt_neox" else model
+    if other is not model:                    # another model: a fresh cache, not the first model's keys
+        ids = torch.tensor([p2])
+        assert (generate_batch(other, ids, None, cfg, prefix_cache=pc).token_ids[0] ==
+                generate_batch(other, ids, None, cfg).token_ids[0]) and pc.reused == 0
+    assert a2 != a1
+
+
+def test_prefix_cache_ignored_for_batches_and_padding():
+    from train.sampler import PrefixCache, generate_batch
+    model, pc = tiny_model(), PrefixCache()
+    ids = torch.randint(3, 320, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    assert generate_batch(model, ids, mask, GREEDY, prefix_cache=pc).token_ids == generate_ids(model, ids, mask,
+                                                                                              GREEDY)
+    assert pc.cache is None
