@@ -191,7 +191,7 @@ def _add_config(w, model: GemmaForCausalLM, arch: str, file_type: int, name: str
             w.add_final_logit_softcapping(c.final_logit_softcapping)
 
 
-def _tensor(data: np.ndarray, name: str, kind: str):
+def _tensor(data: np.ndarray, kind: str):
     """(array, raw_dtype or None) for GGUFWriter.add_tensor: 1-D F32, 2-D in `kind` (Q8_0 needs 32 | cols)."""
     import gguf
     from gguf.quants import quantize
@@ -233,7 +233,7 @@ def write_gguf(model: GemmaForCausalLM, path: str | os.PathLike, kind: str = "f1
         data = value.detach().to("cpu", torch.float32).numpy()
         if gguf_name.endswith("norm.weight"):
             data = data + 1.0  # llama.cpp's Gemma convention: the stored weight is the scale 1 + w
-        tensors.append((gguf_name, *_tensor(data, gguf_name, kind)))
+        tensors.append((gguf_name, *_tensor(data, kind)))
 
     def write(tmp: Path) -> None:
         w = gguf.GGUFWriter(str(tmp), arch)
