@@ -1,7 +1,7 @@
 """train/distributed.py and the trainers under torchrun: 2 processes, gloo, CPU, tiny models.
 
 The numbers: after k optimizer steps the trainable weights of a 2-process run equal a 1-process run over the
-same global batches (≤ 1e-5, fp32) for DDP and FSDP; a dead or hung rank ends the other one with exit code 1
+same global batches (≤ 1e-5, fp32) for DDP and FSDP, on a tiny GPT-NeoX and a tiny Gemma-3 (train.sft); a dead or hung rank ends the other one with exit code 1
 and a clear message within the collective timeout.
 """
 from __future__ import annotations
@@ -143,8 +143,9 @@ if _root and os.environ.get("RANK", "0") != "0":
 """
 
 
-@pytest.fixture(scope="module")
-def sft_model(tmp_path_factory) -> Path:
+@pytest.fixture(scope="module", params=["gpt_neox", "gemma3"])
+def sft_model(request, tmp_path_factory) -> Path:
+    """A tiny NeoX folder, and a tiny Gemma-3 folder with the same tokenizer: the same runs on both families."""
     import pandas as pd
     from neox_fixtures import save_tiny_hf_neox, train_tiny_tokenizer
 
@@ -153,6 +154,9 @@ def sft_model(tmp_path_factory) -> Path:
     texts = [str(t) for t in list(df["input_data"]) + list(df["output_data"].dropna())]
     save_tiny_hf_neox(folder, vocab_size=320, max_position_embeddings=128)
     train_tiny_tokenizer(folder, texts, vocab_size=300)
+    if request.param == "gemma3":
+        from gemma_fixtures import save_tiny_sft_gemma
+        return save_tiny_sft_gemma(tmp_path_factory.mktemp("gemma"), folder, vocab_size=320)
     return folder
 
 
@@ -201,12 +205,12 @@ def test_sft_two_ranks_equal_one_process_and_only_rank0_writes(sft_model, sft_si
     ref_loss = [r["eval_loss"] for r in read_jsonl(sft_single / "log.jsonl") if "eval_loss" in r]
     assert eval_loss and abs(eval_loss[-1] - ref_loss[-1]) <= 1e-5   # all-reduced over the 2 ranks' shares
     # the 2-process adapter loads in one process and gives the reference's logits
-    from gptneox.load import load_model
     from lora import load_adapter
+    from train.models import load_causal_lm
     ids = torch.randint(2, 300, (2, 16), generator=torch.Generator().manual_seed(0))
     logits = []
     for folder in (out / "last", sft_single / "last"):
-        model = load_adapter(load_model(sft_model), folder).eval()
+        model = load_adapter(load_causal_lm(sft_model)[0], folder).eval()
         with torch.no_grad():
             logits.append(model(ids))
     assert float((logits[0] - logits[1]).abs().max()) <= 1e-5
