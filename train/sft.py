@@ -72,7 +72,8 @@ GEMMA_DEMO = Defaults(lora_r=16, lora_alpha=32, lr=1e-3, epochs=1, batch_size=8,
 
 
 # LoopConfig fields that are train.sft flags (types from LoopConfig; None defaults are filled per model by
-# resolve(): the tiny demo's or the original Oh-LoRA's)
+# resolve(): GEMMA_DEMO / TINY_DEMO for the no-argument runs, the original Oh-LoRA's with --model; the help
+# quotes --model's defaults, docs/sft.md has the table)
 LOOP_FLAGS = {
     "output_dir": dict(kind="output_dir", default="runs/sft", help="writes OUT/base, OUT/best, OUT/last, "
                                                                    "OUT/state, log.jsonl, loss.png"),
