@@ -67,7 +67,7 @@ HANGUL_PROBE = "오늘 일정은 친구랑 카페에 가는 거야"
 BUCKET_POOL_BATCHES = 50
 SPLIT_OVERHEAD_TOKENS = 64  # a second forward costs about this many padded tokens of work (python + kernels)
 LARGE_VOCAB = 100_000       # above this many word-embedding rows the table is frozen by default
-DEFAULT_LOSS_NAME = "cosine-mse"  # see LOSSES / DEFAULT_LOSS below
+DEFAULT_LOSS_NAME = "mnr+mse"  # measured best (docs/sbert.md "Which loss"); see LOSSES / DEFAULT_LOSS below
 
 
 class TrainSetupError(OhLoRAError):

@@ -97,7 +97,7 @@ def test_optimizer_has_no_decay_on_bias_and_layernorm(minilm):
 
 def test_short_training_lowers_test_mse_and_best_checkpoint_reloads(tmp_path):
     out = tmp_path / "run"
-    result = train(TrainConfig(base=str(bundled_minilm_dir()), loss="cosine-mse", limit=400, epochs=1, batch_size=16,
+    result = train(TrainConfig(base=str(bundled_minilm_dir()), loss="cosine-mse", limit=400, epochs=1, lr=2e-5, batch_size=16,
                                output=str(out), progress=False, log_every=5))
     before, best = result.test["before"], result.test["best"]
     assert result.global_step == 23                            # 360 training pairs / 16, rounded up
