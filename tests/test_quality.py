@@ -56,3 +56,9 @@ def test_measure_scores_what_the_sampler_returned(monkeypatch):
     assert (r.n, r.stop_share, r.empty, r.n_memory, r.memory_use) == (4, 0.5, 1, 2, 0.5)
     assert r.hangul_share == pytest.approx(8 / 18)     # 치킨먹자 + 영화보자 = 8 Hangul, hellothere = 10 Latin
     assert r.loss_drop == pytest.approx(0.5)
+
+
+def test_report_sampling_is_chats_with_bounded_trials():
+    cfg, chat = quality.quality_sampling(seed=7), quality.SamplingConfig()
+    assert (cfg.seed, cfg.max_trials, cfg.max_new_tokens) == (7, quality.QUALITY_TRIALS, chat.max_new_tokens)
+    assert (cfg.temperature, cfg.top_p, cfg.stop_strings) == (chat.temperature, chat.top_p, ("(답변 종료)",))

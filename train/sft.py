@@ -43,7 +43,7 @@ from train.distributed import (all_reduce_sum, fail_fast_on_collective_error, in
 from train.loop import LoopConfig, Trainer
 from train.loss import CausalLMLoss
 from train.models import check_model_path, inspect_model, load_causal_lm, load_tokenizer
-from train.quality import measure, print_report, with_and_without_memory
+from train.quality import measure, print_report, quality_sampling, with_and_without_memory
 from train.sampler import SamplingConfig, generate
 
 
@@ -346,10 +346,10 @@ def run(argv: list[str] | None = None) -> dict:
         quality = args.quality == "on" or (args.quality == "auto" and args.default_base is not None)
         if quality and not fsdp and not result.stopped_early and data.valid:
             # the figures the default run must reach (train/quality.py), on the model as trained (= OUT/last)
-            report = measure(model, tokenizer, data.valid, template, SamplingConfig(seed=args.seed),
+            report = measure(model, tokenizer, data.valid, template, quality_sampling(args.seed),
                              eval_loss=ev.get("eval_loss"), base_eval_loss=result.start_eval.get("eval_loss"))
             print_report(report, with_and_without_memory(model, tokenizer, data.valid, 5, template,
-                                                         SamplingConfig(seed=args.seed)))
+                                                         quality_sampling(args.seed)))
             samples_holder["quality"] = report
         elif samples_holder.get("samples") and not result.stopped_early:
             print("Sample answers for validation prompts:")
