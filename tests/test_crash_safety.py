@@ -200,8 +200,8 @@ def test_sbert_killed_anywhere_resumes_to_the_uninterrupted_weights(tmp_path):
 
     def args(output: Path = out, resume: bool = False) -> list[str]:
         # 30 pairs, 24 for training: 3 steps of 8 per epoch, 2 epochs; dropout on (the RNG must resume too)
-        cfg = dict(base=str(base), output=str(output), limit=30, valid_ratio=0.2, epochs=2, batch_size=8,
-                   lr=1e-3, test="", progress=False, log_every=1, num_threads=1, save_state_steps=1,
+        cfg = dict(base=str(base), output=str(output), loss="cosine-mse", limit=30, valid_ratio=0.2, epochs=2,
+                   batch_size=8, lr=1e-3, test="", progress=False, log_every=1, num_threads=1, save_state_steps=1,
                    resume=str(output / "state") if resume else None)
         return ["sbert-config", json.dumps(cfg)]
 

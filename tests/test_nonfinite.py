@@ -156,8 +156,8 @@ def test_sbert_diverging_run_stops_before_saving(tiny_bert, tmp_path, lr, valid_
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from sbert.train import TrainConfig, train
-    cfg = TrainConfig(base=str(tiny_bert), output=str(tmp_path), limit=40, valid_ratio=valid_ratio, epochs=2,
-                      batch_size=8, lr=lr, test="", progress=False)
+    cfg = TrainConfig(base=str(tiny_bert), output=str(tmp_path), loss="cosine-mse", limit=40, valid_ratio=valid_ratio,
+                      epochs=2, batch_size=8, lr=lr, test="", progress=False)
     with pytest.raises(NonFiniteError, match=r"at optimizer step \d+") as err:
         train(cfg)
     assert "\n" not in str(err.value)
