@@ -73,6 +73,31 @@ def test_loss_equals_hand_computation(family_base):
     assert grads and all(g is not None and float(g.abs().sum()) > 0 for g in grads)
 
 
+@pytest.mark.parametrize("head", ["frozen", "trainable"])
+def test_loss_gradients_equal_full_logits_autograd(family_base, head):
+    """The frozen-head path (d/dh computed chunk by chunk in forward) and the plain path both give the gradients
+    autograd gives through the whole (B, T, V) logits, adapters and (when trainable) the head included."""
+    model, tok = load_causal_lm(family_base)
+    torch.manual_seed(0)
+    inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0, init=False, target_modules=list(model.LORA_TARGETS)))
+    getattr(model, model.HEAD).weight.requires_grad_(head == "trainable")
+    exs = [encode_pair(tok, PromptTemplate(), q, a)[0] for q, a in [("안녕", "반가워! 오늘 뭐 해?"), ("잘 자", "너도")]]
+    b = collate(exs, tok.pad_token_id)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(loss_fn) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        (loss_fn() * 0.5).backward()        # a grad_output ≠ 1 reaches the saved chunk gradients scaled
+        return [p.grad.clone() for p in params]
+
+    ours = grads(lambda: CausalLMLoss(model, chunk=3)(b["input_ids"], b["labels"])[0])
+    logits = lambda: model(b["input_ids"])[:, :-1].reshape(-1, model.config.vocab_size).float()  # noqa: E731
+    full = grads(lambda: F.cross_entropy(logits(), b["labels"][:, 1:].reshape(-1), reduction="sum"))
+    assert len(ours) == len(full) > 0
+    worst = max(float((a - c).abs().max() / c.abs().max().clamp_min(1e-12)) for a, c in zip(ours, full))
+    assert worst < 1e-5, worst
+
+
 def test_training_lowers_validation_loss(family_base, tmp_path):
     out = run(["--model", str(family_base), "--output-dir", str(tmp_path), "--max-steps", "30", "--lr", "1e-2",
                "--lora-r", "8", "--lora-alpha", "16", "--batch-size", "8", "--no-progress", "--eval-prompts", "1"])
