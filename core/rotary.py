@@ -9,17 +9,18 @@ from torch import nn
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for rotary position embedding (GPT-NeoX "rotate_half" style, not interleaved).
 
-    No buffers: the fp32 table is built lazily on the device of the positions and grown on demand, so a model
-    built on the meta device needs no buffer fix-up, and HF's numerics are kept (fp32 angles, cast to the
-    activation dtype as HF does).
+    No buffers: the fp32 table is built lazily on the device of the positions and grown on demand (to the next
+    power of two ≥ 256 positions, not the config's maximum at once: Gemma-3's 32k × 256 tables would take 128 MB for
+    a 128-token fine-tune), so a model built on the meta device needs no buffer fix-up, and HF's numerics are
+    kept (fp32 angles, cast to the activation dtype as HF does; a row does not depend on the table's length).
 
     `linear_scaling` > 1 is HF's "linear" rope scaling (positions divided by the factor, done as HF does it:
     the inverse frequencies divided by it), used by Gemma 3's global layers.
     """
 
-    def __init__(self, dim: int, base: float, max_positions: int, linear_scaling: float = 1.0):
+    def __init__(self, dim: int, base: float, linear_scaling: float = 1.0):
         super().__init__()
-        self.dim, self.base, self.max_positions = dim, float(base), max_positions
+        self.dim, self.base = dim, float(base)
         self.linear_scaling = float(linear_scaling)
         self._cos: torch.Tensor | None = None  # (P, dim) fp32
         self._sin: torch.Tensor | None = None
@@ -36,7 +37,7 @@ class RotaryEmbedding(nn.Module):
         """position_ids (B, T) -> cos, sin (B, T, 1, 1, dim) in `dtype` (broadcast over heads and q/k)."""
         needed = int(position_ids.max()) + 1 if position_ids.numel() else 1
         if self._cos is None or self._cos.device != position_ids.device or self._cos.shape[0] < needed:
-            self._build(max(needed, self.max_positions), position_ids.device)
+            self._build(max(256, 1 << (needed - 1).bit_length()), position_ids.device)
         cos = F.embedding(position_ids, self._cos).to(dtype)
         sin = F.embedding(position_ids, self._sin).to(dtype)
         return cos[:, :, None, None, :], sin[:, :, None, None, :]

@@ -104,7 +104,7 @@ class GPTNeoXModel(nn.Module):
         self.embed_in = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(GPTNeoXLayer(config) for _ in range(config.num_hidden_layers))
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.rotary = RotaryEmbedding(config.rotary_ndims, config.rotary_emb_base, config.max_position_embeddings)
+        self.rotary = RotaryEmbedding(config.rotary_ndims, config.rotary_emb_base)
         self.gradient_checkpointing = False  # recompute each layer in backward (training only)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
