@@ -21,6 +21,41 @@ def check_init(init: bool | str) -> bool | str:
     raise ValueError(f"LoRA init must be True (Kaiming-uniform A), 'gaussian' or False, got {init!r}")
 
 
+class DroppedLoRAUpdate(torch.autograd.Function):
+    r"""u = B·A·(x ⊙ m / (1-p)), m ~ Bernoulli(1-p) (dropout on the adapter's input), gradients by hand:
+
+        a = A·x̃,  x̃ = x ⊙ m / (1-p)     (..., r)          ∂L/∂B = Σ ∂L/∂u · aᵀ          (out, r)
+        u = B·a                          (..., out)        ∂L/∂a = Bᵀ·∂L/∂u              (..., r)
+                                                           ∂L/∂A = Σ ∂L/∂a · x̃ᵀ          (r, in)
+                                                           ∂L/∂x = m ⊙ (Aᵀ·∂L/∂a) / (1-p)  (..., in)
+    Autograd through `lora_B(lora_A(dropout(x)))` keeps dropout's scaled mask and the dropped copy of x: two
+    tensors the size of x in x's dtype per adapted Linear, half of a LoRA fine-tune's activations. This keeps x
+    itself (shared by the adapters on the same input: q, k, v), m as bools and a. Matmuls run in x's dtype
+    (autocast's, when on); gradients come back in the adapter's dtype. `keep` = m, drawn by the caller."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                p: float) -> torch.Tensor:
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        x_dtype, x = x.dtype, x.to(dtype)
+        a = F.linear(x * keep / (1.0 - p), A.to(dtype))                     # (..., r)
+        ctx.save_for_backward(x, keep, A, B, a)
+        ctx.p, ctx.x_dtype = p, x_dtype
+        return F.linear(a, B.to(dtype))                                      # (..., out)
+
+    @staticmethod
+    def backward(ctx, grad_u: torch.Tensor):
+        x, keep, A, B, a = ctx.saved_tensors
+        grad_u = grad_u.to(x.dtype)
+        grad_a = grad_u @ B.to(x.dtype)                                      # (..., r)
+        grad_B = grad_u.reshape(-1, grad_u.shape[-1]).T @ a.reshape(-1, a.shape[-1])
+        grad_A = grad_a.reshape(-1, grad_a.shape[-1]).T @ (x * keep / (1.0 - ctx.p)).reshape(-1, x.shape[-1])
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = ((grad_a @ A.to(x.dtype)) * keep / (1.0 - ctx.p)).to(ctx.x_dtype)
+        return grad_x, None, grad_A.to(A.dtype), grad_B.to(B.dtype), None
+
+
 class LoRALinear(nn.Module):
     r"""A linear layer y = W·x + b, frozen, plus a trainable rank-r update:
 
@@ -103,9 +138,11 @@ class LoRALinear(nn.Module):
             return y
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_A.weight.dtype)                        # no-op when the dtypes agree
-        if self.training and self.dropout > 0.0:                     # skip the call entirely otherwise
-            x = F.dropout(x, p=self.dropout, training=True)
-        update = self.lora_B(self.lora_A(x))                         # (..., r) -> (..., out); B·A never formed
+        if self.training and self.dropout > 0.0 and torch.is_grad_enabled():
+            keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - self.dropout)
+            update = DroppedLoRAUpdate.apply(x, keep, self.lora_A.weight, self.lora_B.weight, self.dropout)
+        else:
+            update = self.lora_B(self.lora_A(x))                     # (..., r) -> (..., out); B·A never formed
         return y.add_(update, alpha=self.scaling)                    # y += s·update: one fused kernel, and
         #   the sum is computed in the wider dtype and rounded once into y's dtype. In place is safe: the
         #   backward of F.linear needs x and W, not its output y.

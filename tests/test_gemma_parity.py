@@ -4,6 +4,8 @@ Sequences are longer than the sliding window (6), soft-capping bites (Gemma 2), 
 global rotary bases and linear scaling on its global layer; batches are left- and right-padded; cached decoding
 runs past the window.
 """
+import copy
+
 import pytest
 import torch
 
@@ -133,6 +135,28 @@ def test_gradient_checkpointing_same_grads(pair):
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert grads[0].abs().max() > 0
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_every_gradient_equals_hf(pair):
+    """Full fine-tune gradients (every norm, projection and the tied embedding) = transformers' autograd: our
+    hand-written RMSNorm backward and the train.loss head path against HF's plain expressions."""
+    from train.loss import CausalLMLoss
+    kind, hf, _ = pair
+    ids = ids_for(hf, B=2)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    ours = ours_from(hf).train()
+    loss, n = CausalLMLoss(ours, chunk=5)(ids, labels)
+    loss.backward()
+    ref = copy.deepcopy(hf).train()
+    logits = ref(input_ids=ids).logits[:, :-1].float()
+    torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                      reduction="sum").backward()
+    got, want = dict(ours.named_parameters()), dict(ref.named_parameters())
+    assert set(got) >= set(want) - {"lm_head.weight"}
+    for name, p in want.items():
+        g = got[name].grad
+        assert float((g - p.grad).abs().max()) <= 1e-5 * float(p.grad.abs().max()) + 1e-7, name
 
 
 def test_layout_matches_hf_keys(pair):
