@@ -32,6 +32,7 @@ import torch
 
 from core.atomic import atomic_write_dir, clean_stale_temps, recover_dir
 from core.errors import OhLoRAError
+from core.malloc import return_large_blocks_to_os
 from core.onednn import invalidate_packs
 from core.unwrap import unwrap
 from train.checkpoint import (STATE_VERSION, ResumeError, read_resume_state, rng_state, set_rng_state,  # noqa: F401
@@ -204,6 +205,8 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         cfg, world = self.cfg, self.info.world_size
+        if self.device.type == "cpu":
+            return_large_blocks_to_os()  # freed activations go back to the OS: RSS does not creep (core/malloc.py)
         total_steps, epochs, warmup = self._setup()
         res, start_epoch, start_micro = TrainResult(), 0, 0
         if cfg.resume:
