@@ -5,6 +5,7 @@ such as `gpt_neox` or `embed_out`.
 
     h = model.hidden_states(input_ids, attention_mask, position_ids, cache)   (B, T, H) after the final norm
     z = model.logits(h)                                                       (..., V)  LM head (+ soft-cap)
+    model.logit_softcap               cap, when z = cap · tanh(head(h) / cap) (Gemma 2), else None
     z = model(input_ids, attention_mask, position_ids, cache)                 = logits(hidden_states(...))
     cache = model.new_cache()                                                 filled in place by forward
     model.layers                      the transformer blocks (FSDP wraps each; gradient checkpointing unit)
@@ -73,7 +74,8 @@ class DecoderLM(nn.Module):
 
     A subclass sets `BODY` (the attribute holding embeddings + layers + final norm, e.g. "gpt_neox" or "model"),
     `HEAD` (the output Linear, "embed_out" / "lm_head"), `EMBEDDING` (the input table's path, tied to the head
-    when `config.tie_word_embeddings`) and `LORA_TARGETS`; it may override `logits` (Gemma 2 soft-caps)."""
+    when `config.tie_word_embeddings`) and `LORA_TARGETS`. `config.final_logit_softcapping` (Gemma 2), when set,
+    soft-caps the logits."""
 
     BODY: str
     HEAD: str
@@ -104,9 +106,15 @@ class DecoderLM(nn.Module):
         """input_ids (B, T) -> final-norm hidden states (B, T, H)."""
         return getattr(self, self.BODY)(input_ids, attention_mask, position_ids, cache)
 
+    @property
+    def logit_softcap(self) -> float | None:
+        return getattr(self.config, "final_logit_softcapping", None)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., H) -> (..., V)."""
-        return getattr(self, self.HEAD)(hidden)
+        """(..., H) -> (..., V), soft-capped (cap · tanh(z / cap)) when the family does."""
+        z = getattr(self, self.HEAD)(hidden)
+        cap = self.logit_softcap
+        return z if cap is None else torch.tanh(z / cap) * cap
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:

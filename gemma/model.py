@@ -229,9 +229,3 @@ class GemmaForCausalLM(DecoderLM):
                 module.weight.normal_(0.0, std)
             elif isinstance(module, GemmaRMSNorm):
                 module.weight.zero_()
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., H) -> (..., V), soft-capped when the config says so (Gemma 2)."""
-        logits = self.lm_head(hidden)
-        cap = self.config.final_logit_softcapping
-        return logits if cap is None else torch.tanh(logits / cap) * cap
