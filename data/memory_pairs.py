@@ -13,8 +13,8 @@ N lines give every (memory of line i, message of line j) pair, N×N rows with th
 where keys of one synonym group count as the same key before scoring. `--aliases extended` (the default,
 `EXTENDED_ALIASES`) holds the documented groups below (docs/data.md); `--aliases original` is the original
 Oh-LoRA rule, only `좋아하는 아이돌` ≡ `좋아하는 가수`, with which the original's CSVs reproduce exactly. The bundled
-combination files use no key of the extended groups besides the original pair, so both rules give the same
-bundled CSVs.
+training combinations use synonym keys (`최애 가수`, `좋아하는 메뉴`, `애완동물`, `지금 기분`, ...), so their CSV is the
+extended rule's; the test combinations use only the original pair, so both rules give the same test CSV.
 
     python -m data.memory_pairs data/memory_train_combs.txt data/memory_train.csv [--aliases original]
 """

@@ -87,7 +87,7 @@ def test_cli_writes_csv_and_exits_2_on_error(tmp_path):
     assert not (tmp_path / "b.csv").exists()
 
 
-@pytest.mark.parametrize("stem, n_lines", [("memory_train", 40), ("memory_test", 20)])
+@pytest.mark.parametrize("stem, n_lines", [("memory_train", 110), ("memory_test", 20)])
 def test_bundled_csvs_match_generator(tmp_path, stem, n_lines):
     lines = read_combinations(DATA / f"{stem}_combs.txt")
     assert len(lines) == n_lines
@@ -105,3 +105,8 @@ def test_bundled_sets_are_disjoint_and_every_test_message_has_another_exact_matc
     assert len({l.key for l in train}) >= 12
     for line in test:   # a score-1.0 memory besides the message's own line
         assert sum(key_similarity(line.key, other.key) == 1.0 for other in test) >= 2
+    # the no-related-memory messages: their keys share no word with a train or test key (docs/data.md)
+    words = {w for line in train + test for w in line.key.split()}
+    unrelated = read_combinations(DATA / "memory_unrelated_combs.txt")
+    assert len(unrelated) == 40 and not [l.key for l in unrelated if set(l.key.split()) & words]
+    assert not {l.message for l in train} & {l.message for l in test}

@@ -32,9 +32,9 @@ def minilm():
 def test_split_is_seeded_disjoint_and_90_10():
     df = load_pairs(bundled_pairs("memory_train.csv"))
     fit, valid = split_train_valid(df, 0.1, seed=7)
-    assert (len(fit), len(valid)) == (1440, 160)
+    assert (len(fit), len(valid)) == (10890, 1210)
     key = lambda d: set(zip(d.memory_0, d.user_prompt_1))  # noqa: E731
-    assert not key(fit) & key(valid) and len(key(fit) | key(valid)) == 1600
+    assert not key(fit) & key(valid) and len(key(fit) | key(valid)) == 12100
     again, _ = split_train_valid(df, 0.1, seed=7)
     assert again.equals(fit)
     assert not split_train_valid(df, 0.1, seed=8)[0].equals(fit)
