@@ -198,7 +198,8 @@ def test_prompts_recorded_and_applied_by_role(e5_folder, ours):
 
 def test_short_mnr_run_raises_recall_on_held_apart_set(e5_folder):
     """4 in-batch-negatives steps on the positives of sbert.train's 90 % split raise recall@1 on the held-apart
-    10 % (1,210 pairs over 110 messages, pairs never trained on), with the prompts applied as sbert.train applies them."""
+    10 % (1,210 pairs over 110 messages, pairs never trained on), with the prompts applied as sbert.train
+    applies them."""
     import torch
 
     from core.onednn import invalidate_on_step
