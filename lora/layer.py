@@ -150,7 +150,7 @@ class LoRALinear(nn.Module):
             return y
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_A.weight.dtype)                        # no-op when the dtypes agree
-        if self.training and self.dropout > 0.0 and torch.is_grad_enabled():
+        if self.training and self.dropout > 0.0:
             keep, p = dropout_keep_mask(x.shape, self.dropout, x.device)
             update = DroppedLoRAUpdate.apply(x, keep, self.lora_A.weight, self.lora_B.weight, p)
         else:
