@@ -110,7 +110,7 @@ def _hangul_decode(ids: list[int]) -> str:
 
 
 def time_ours(model, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, list[int]]:
-    cfg = SamplingConfig(do_sample=False, max_new_tokens=new_tokens, stop_strings=("(답변 종료)",))
+    cfg = SamplingConfig(do_sample=False, max_new_tokens=new_tokens, stop_strings=("(답변 종료)",), no_repeat_ngram_size=0)
     t0 = time.perf_counter()
     out = generate_ids(model, input_ids, None, cfg, eos_token_id=None, decode=_hangul_decode)
     elapsed = time.perf_counter() - t0

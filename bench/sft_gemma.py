@@ -146,7 +146,7 @@ def infer_ours(args) -> dict:
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
 
     def run(ids: torch.Tensor, new: int, eos: int | None) -> list[int]:
-        cfg = SamplingConfig(do_sample=False, max_new_tokens=new, stop_strings=())
+        cfg = SamplingConfig(do_sample=False, max_new_tokens=new, stop_strings=(), no_repeat_ngram_size=0)  # as HF
         return generate_batch(model, ids, None, cfg, eos_token_id=eos, pad_token_id=tok.pad_token_id,
                               decode=decode).token_ids[0]
 

@@ -109,7 +109,7 @@ def test_sampler_greedy_equals_transformers_generate(ours, hf, gguf_path):
 
     model, _ = ours
     tok = load_tokenizer(inspect_model(gguf_path))  # the wrapper chat uses (BOS added, eos/pad ids)
-    config = SamplingConfig(do_sample=False, max_new_tokens=30, stop_strings=())
+    config = SamplingConfig(do_sample=False, max_new_tokens=30, stop_strings=(), no_repeat_ngram_size=0)  # HF's
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
     for text in [PromptTemplate().prompt(p) for p in ("오늘 뭐 해?", "좋아하는 음식이 뭐야?")] + [PROMPTS[1]]:
         ids, mask = tok.batch_encode([text], padding_side="left")

@@ -8,6 +8,7 @@ from torch import nn
 from gptneox.tokenizer import Tokenizer
 from tests.neox_fixtures import KOREAN_TEXTS, save_tiny_hf_neox, train_tiny_tokenizer
 from train.sampler import (IncrementalDecoder, SamplingConfig, apply_repetition_penalty, apply_top_k, apply_top_p,
+                           banned_by_ngrams,
                            generate, generate_batch, generate_ids, stop_prefix_len)
 
 STOP = "(답변 종료)"
@@ -184,7 +185,7 @@ def test_per_row_stopping_no_leak(tokenizer):
     model = ScriptedLM([[r0, r1, r2]], tokenizer.vocab_size, filler=tokenizer.encode("!")[0])
     ids, mask = tokenizer.batch_encode(["오늘 뭐 해?", "안녕", "비 오는 날에는 집에서 영화"], padding_side="left")
     assert mask[:, 0].tolist().count(0) >= 1                 # really left-padded
-    cfg = SamplingConfig(do_sample=False, max_new_tokens=30)
+    cfg = SamplingConfig(do_sample=False, max_new_tokens=30, no_repeat_ngram_size=0)   # the script repeats '!'
     out = generate_batch(model, ids, mask, cfg, eos_token_id=eos, decode=tokenizer.decode)
     assert out.texts[0] == "안녕" and out.texts[1] == "비 오는 날에는 집에서"
     assert out.texts[2] == "Hello" + "!" * (30 - len(r2))
@@ -202,7 +203,8 @@ def test_stream_concatenation_equals_answer(tokenizer):
     model = ScriptedLM([[r0, r1]], tokenizer.vocab_size, filler=tokenizer.encode(" ")[0])
     pieces: dict[int, list[str]] = {0: [], 1: []}
     tok = tokenizer
-    answers = generate(model, tok, ["a", "b"], SamplingConfig(do_sample=False, max_new_tokens=len(r0) + 2),
+    answers = generate(model, tok, ["a", "b"], SamplingConfig(do_sample=False, max_new_tokens=len(r0) + 2,
+                                                                     no_repeat_ngram_size=0),
                        stream=lambda r, p: pieces[r].append(p))
     assert answers == ["답장 (답장) 좋아", "카페 (답변 끝"]
     for r in (0, 1):
@@ -286,7 +288,8 @@ def test_greedy_matches_hf_generate(hf_folder, penalty):
     ids = ids.masked_fill(mask == 0, 1)
     n = 20
     for rows in ([1], [0, 1, 2]):                             # a single prompt, then the padded batch
-        cfg = SamplingConfig(do_sample=False, max_new_tokens=n, stop_strings=(), repetition_penalty=penalty)
+        cfg = SamplingConfig(do_sample=False, max_new_tokens=n, stop_strings=(), repetition_penalty=penalty,
+                             no_repeat_ngram_size=0)                      # HF generate's default
         got = generate_ids(ours, ids[rows], mask[rows], cfg, eos_token_id=None)
         with torch.no_grad():
             hf = ref.generate(ids[rows], attention_mask=mask[rows], do_sample=False, max_new_tokens=n,
@@ -389,3 +392,29 @@ def test_prefix_cache_ignored_for_batches_and_padding():
     assert generate_batch(model, ids, mask, GREEDY, prefix_cache=pc).token_ids == generate_ids(model, ids, mask,
                                                                                               GREEDY)
     assert pc.cache is None
+
+
+def test_banned_by_ngrams_by_hand():
+    ids = [5, 6, 7, 5, 6]
+    assert banned_by_ngrams(ids, 3) == [7]          # (5, 6) was followed by 7
+    assert sorted(banned_by_ngrams(ids, 2)) == [7]  # (6,) was followed by 7
+    assert banned_by_ngrams([5, 6, 5, 6, 5], 2) == [6, 6]
+    assert sorted(banned_by_ngrams(ids, 1)) == [5, 6, 7] and banned_by_ngrams(ids, 0) == []
+    assert banned_by_ngrams([1], 3) == []
+
+
+def test_no_repeat_ngram_breaks_a_greedy_loop():
+    """A tiny random model loops under greedy decoding; with no_repeat_ngram_size=3 no trigram of the answer
+    repeats (the prompt's own trigrams may: the rule covers the answer only)."""
+    model = tiny_model(seed=2)
+    ids = torch.randint(3, 320, (2, 6), generator=torch.Generator().manual_seed(1))
+
+    def trigrams(row):
+        return [tuple(row[i:i + 3]) for i in range(len(row) - 2)]
+
+    loop = generate_ids(model, ids, None, SamplingConfig(do_sample=False, max_new_tokens=40, stop_strings=(),
+                                                         no_repeat_ngram_size=0))
+    fixed = generate_ids(model, ids, None, SamplingConfig(do_sample=False, max_new_tokens=40, stop_strings=(),
+                                                          no_repeat_ngram_size=3))
+    assert any(len(set(trigrams(r))) < len(trigrams(r)) for r in loop)      # the loop is there without the rule
+    assert all(len(set(trigrams(r))) == len(trigrams(r)) == 38 for r in fixed)

@@ -60,6 +60,9 @@ class SamplingConfig:
                         range="(0, 1]")
     repetition_penalty: float = flag(1.0, help="HF's: divide positive / multiply negative logits of tokens "
                                                "already present (1 = off)", range=POSITIVE)
+    no_repeat_ngram_size: int = flag(3, help="never repeat an n-gram of the answer (0 = off; HF's rule, but over "
+                                             "the answer only, so the prompt's memory item may be copied)",
+                                     range=NONNEG)
     do_sample: bool = flag(True, help="sample (--no-do-sample or temperature 0: greedy)")
     stop_strings: tuple[str, ...] = flag(("(답변 종료)",), help="stop (and cut) at any of these strings")
     max_trials: int = flag(30, help="regenerate an empty answer up to this many times (sampling only)",
@@ -87,6 +90,31 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     logits (B,V) float, seen (B,V) bool."""
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
+
+
+def banned_by_ngrams(ids: list[int], n: int) -> list[int]:
+    """Tokens that would repeat an n-gram of `ids`: every token that followed an earlier occurrence of the last
+    n-1 tokens (HF's no_repeat_ngram_size, on one row)."""
+    if n <= 0 or len(ids) < n - 1:
+        return []
+    if n == 1:
+        return list(set(ids))
+    tail = ids[len(ids) - n + 1:]
+    return [ids[i + n - 1] for i in range(len(ids) - n + 1) if ids[i:i + n - 1] == tail]
+
+
+def apply_no_repeat_ngram(logits: torch.Tensor, new_ids: list[list[int]], n: int) -> torch.Tensor:
+    """logits (B,V) with the tokens that would repeat an n-gram of row r's answer `new_ids[r]` set to -inf."""
+    rows, cols = [], []
+    for r, ids in enumerate(new_ids):
+        banned = banned_by_ngrams(ids, n)
+        rows += [r] * len(banned)
+        cols += banned
+    if not rows:
+        return logits
+    logits = logits.float().clone()
+    logits[rows, cols] = float("-inf")
+    return logits
 
 
 def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -342,6 +370,8 @@ def generate_batch(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
             seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
             real = torch.where(attention_mask.bool(), input_ids, input_ids[:, -1:])   # pads -> a real token
             seen.scatter_(1, real.clamp(0, vocab - 1), True)
+        if config.no_repeat_ngram_size:
+            logits = apply_no_repeat_ngram(logits, new_ids, config.no_repeat_ngram_size)
         tokens = pick_next_tokens(logits, config, seen, generator)            # (B,)
         token_list = tokens.tolist()
         for r, tok in enumerate(token_list):
