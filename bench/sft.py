@@ -123,14 +123,31 @@ def _padded(batches, lengths) -> int:
 
 
 # --------------------------------------------------------------------------------------------------- HF
+def hf_collator_and_timer(special: dict[str, int], pad: str, eos: str):
+    """(DataCollatorForSeq2Seq, Timer callback) for an HF Trainer run on pre-tokenized rows: the collator only
+    needs the pad id, so its tokenizer is a stub WordLevel over `special` (with "<unk>"); Timer.seconds = train() wall time."""
+    from tokenizers import Tokenizer, models
+    from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerFast, TrainerCallback
+
+    stub = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(special, unk_token="<unk>")),
+                                   pad_token=pad, eos_token=eos)
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_train_end(self, *a, **k):
+            self.seconds = time.perf_counter() - self.t0
+
+    return DataCollatorForSeq2Seq(stub, padding=True, label_pad_token_id=-100), Timer
+
+
 def run_hf(args) -> dict:
     import tempfile
 
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import (DataCollatorForSeq2Seq, GPTNeoXConfig, GPTNeoXForCausalLM,
-                              PreTrainedTokenizerFast, Trainer, TrainerCallback, TrainingArguments)
-    from tokenizers import Tokenizer, models
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, Trainer, TrainingArguments
 
     from gptneox.config import GPTNeoXConfig as OurConfig
 
@@ -143,16 +160,8 @@ def run_hf(args) -> dict:
     model = GPTNeoXForCausalLM(config)  # fp32, as from_pretrained loads by default
     model = get_peft_model(model, LoraConfig(r=128, lora_alpha=16, lora_dropout=0.05,
                                              target_modules=["query_key_value"], task_type="CAUSAL_LM"))
-    raw = Tokenizer(models.WordLevel({"<unk>": 0, "<|pad|>": 1, "<|endoftext|>": 2}, unk_token="<unk>"))
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<|pad|>", eos_token="<|endoftext|>")
-    collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
-
-    class Timer(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
-
-        def on_train_end(self, *a, **k):
-            self.seconds = time.perf_counter() - self.t0
+    collator, Timer = hf_collator_and_timer({"<unk>": 0, "<|pad|>": 1, "<|endoftext|>": 2}, "<|pad|>",
+                                            "<|endoftext|>")
 
     out = tempfile.mkdtemp(prefix="bench_sft_hf_")
 

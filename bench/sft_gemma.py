@@ -185,9 +185,9 @@ def train_hf(args) -> dict:
 
     import torch
     from peft import LoraConfig, get_peft_model
-    from tokenizers import Tokenizer, models
-    from transformers import (DataCollatorForSeq2Seq, PreTrainedTokenizerFast, Trainer, TrainerCallback,
-                              TrainingArguments)
+    from transformers import Trainer, TrainingArguments
+
+    from bench.sft import hf_collator_and_timer
 
     s, tok = lora_settings(), _our_tokenizer()
     model = _hf_model()
@@ -197,17 +197,8 @@ def train_hf(args) -> dict:
     model = get_peft_model(model, LoraConfig(r=s["r"], lora_alpha=s["alpha"], lora_dropout=s["dropout"],
                                              target_modules=s["targets"], task_type="CAUSAL_LM"))
     # the collator only needs the pad id (Gemma's <pad> = 0): a stub tokenizer, not a second vocabulary
-    raw = Tokenizer(models.WordLevel({"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}, unk_token="<unk>"))
-    stub = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="<eos>")
-    assert stub.pad_token_id == tok.pad_token_id
-    collator = DataCollatorForSeq2Seq(stub, padding=True, label_pad_token_id=-100)
-
-    class Timer(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
-
-        def on_train_end(self, *a, **k):
-            self.seconds = time.perf_counter() - self.t0
+    collator, Timer = hf_collator_and_timer({"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}, "<pad>", "<eos>")
+    assert collator.tokenizer.pad_token_id == tok.pad_token_id
 
     out = tempfile.mkdtemp(prefix="bench_sft_gemma_hf_")
 
@@ -356,8 +347,8 @@ def report(args, r: dict[str, dict]) -> dict:
               f"{h['decode_tok_s']:.1f} tok/s -> {summary['decode_speedup']:.2f}x (target >= 1.5x); greedy "
               f"tokens equal for the first {same}")
     if "train_ours" in r and "infer_ours" in r:
-        print(f"\nThe original's resource test (README section 5; theirs: Polyglot-Ko 1.3B on a Quadro M6000 GPU, "
-              f"nvidia-smi memory), here gemma-3-270m on this CPU, peak RSS of each process:")
+        print("\nThe original's resource test (README section 5; theirs: Polyglot-Ko 1.3B on a Quadro M6000 GPU, "
+              "nvidia-smi memory), here gemma-3-270m on this CPU, peak RSS of each process:")
         print(f"| run | inference memory | inference time ({args.prompts} prompts) | fine-tuning memory | "
               f"fine-tuning time ({args.examples} ex × {args.epochs} ep, batch {args.batch}) |")
         print("|---|---|---|---|---|")
