@@ -17,8 +17,9 @@ Output (OUT = --output-dir, default runs/sft):
 Any model family loads (train/models.py reads it from the checkpoint: an HF folder's config.json or a GGUF
 file); everything here uses only the causal-LM contract (core/causal_lm.py).
 
-Speed: the loss (train/loss.py) applies the LM head only to the answer positions, in chunks — never a
-(B, T, vocab) logits tensor (Gemma's vocabulary is 262k); length-bucketed batches keep pads rare.
+Speed: the loss (train/loss.py) applies the LM head only to the answer positions, fused with the
+cross-entropy — never a (B, T, vocab) logits tensor (Gemma's vocabulary is 262k); length-bucketed batches keep
+pads rare.
 """
 from __future__ import annotations
 
@@ -162,9 +163,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args.dtype, note = choose_dtype(args.dtype, "cuda" if cuda else "cpu")
     if args.auto_precision and args.dtype == "bf16":
         args.precision = "bf16"
-    if note and os.environ.get("RANK", "0") == "0":
-        print(note, file=sys.stderr)
+    if note:
+        _note(note)
     return args
+
+
+def _note(message: str) -> None:
+    """A line on stderr from rank 0 only (flags are parsed before torch.distributed is set up)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr)
 
 
 def choose_base(args: argparse.Namespace) -> Defaults:
@@ -177,11 +184,9 @@ def choose_base(args: argparse.Namespace) -> Defaults:
         path, reason = default_gemma_gguf()
         if path is not None:
             args.model, args.default_base = str(path), "gemma"
-            if os.environ.get("RANK", "0") == "0":
-                print(GEMMA_TERMS_NOTICE, file=sys.stderr)
+            _note(GEMMA_TERMS_NOTICE)
             return GEMMA_DEMO
-        if os.environ.get("RANK", "0") == "0":
-            print(f"note: no real base: {reason}; fine-tuning the bundled tiny model instead", file=sys.stderr)
+        _note(f"note: no real base: {reason}; fine-tuning the bundled tiny model instead")
     args.default_base = "tiny"
     return TINY_DEMO
 
