@@ -15,8 +15,8 @@ Reported:
   * training pairs/s: pairs / seconds of the training loop (ours: the epoch loops of sbert.train, without the
     per-epoch valid evaluation and checkpoint writes; ST: the trainer's train_runtime, without evaluation or
     saving configured);
-  * encode sentences/s: `encode` of the texts of the training CSV (both columns, `--encode-texts` of them),
-    batch 32, best of N repeats, ours and ST interleaved;
+  * encode sentences/s: `encode` of the 668 distinct texts of the bundled training combinations (memories and
+    messages, cycled to `--encode-texts` of them), batch 32, best of N repeats, ours and ST interleaved;
   * test MSE / Pearson / recall@1 after training, both measured by sbert.evaluate on the bundled test pairs;
   * memory-store query latency with 1,000 stored items (chat.memory.MemoryStore on our encoder): the first
     query (encodes the items), then the median of 20 queries (one encode of the message each).
@@ -127,10 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     from sentence_transformers import SentenceTransformer
 
     base = resolve_base(args.model)
-    train_df = load_pairs(bundled_pairs("memory_train.csv"))
+    all_df = load_pairs(bundled_pairs("memory_train_combs.txt"))
     test_df = load_pairs(bundled_pairs("memory_test.csv"))
-    if args.limit:  # the same subsample sbert.train takes for --limit
-        train_df = train_df.sample(n=min(args.limit, len(train_df)), random_state=SEED).reset_index(drop=True)
+    train_df = all_df  # with --limit, the same subsample sbert.train takes
+    if args.limit:
+        train_df = all_df.sample(n=min(args.limit, len(all_df)), random_state=SEED).reset_index(drop=True)
     fit_df, _ = split_train_valid(train_df, 0.1, SEED)
     ours_enc = SentenceEncoder.load(base)
     ours_enc.max_seq_length = MAX_LEN
@@ -141,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
           f"max_seq_length {MAX_LEN} | prompts {prompts} | word embeddings {'frozen' if freeze else 'trained'}")
 
     # --- encoding speed (untrained base, both normalised by the folder's Normalize module) -----------------
-    all_texts = [*load_pairs(bundled_pairs("memory_train.csv"))["memory_0"],
-                 *load_pairs(bundled_pairs("memory_train.csv"))["user_prompt_1"]]
+    all_texts = list(dict.fromkeys([*all_df["memory_0"], *all_df["user_prompt_1"]]))  # the 668 distinct texts
     texts = (all_texts * (1 + args.encode_texts // len(all_texts)))[:args.encode_texts]
     ref_enc = SentenceTransformer(str(base), device="cpu")
     ref_enc.max_seq_length = MAX_LEN

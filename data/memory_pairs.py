@@ -16,7 +16,7 @@ Oh-LoRA rule, only `좋아하는 아이돌` ≡ `좋아하는 가수`, with whic
 training combinations use synonym keys (`최애 가수`, `좋아하는 메뉴`, `애완동물`, `지금 기분`, ...), so their CSV is the
 extended rule's; the test combinations use only the original pair, so both rules give the same test CSV.
 
-    python -m data.memory_pairs data/memory_train_combs.txt data/memory_train.csv [--aliases original]
+    python -m data.memory_pairs data/memory_train_combs.txt runs/memory_train.csv [--aliases original]
 """
 from __future__ import annotations
 

