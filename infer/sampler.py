@@ -27,7 +27,7 @@ step, never a re-decode of the whole answer:
 * Streaming holds back the longest tail that could still become a stop string (and trailing whitespace, so the
   concatenated stream equals the returned, stripped answer exactly).
 
-Batch-1 prefix reuse (`PrefixCache`, what `python -m chat` passes): the KV cache of the previous call is kept
+Batch-1 prefix reuse (`infer.prefix_cache.PrefixCache`, what `python -m chat` passes): the KV cache of the previous call is kept
 with the ids it holds (that prompt + its answer but the last token); the next prompt prefills only what follows
 the longest shared token prefix (`KVCache.truncate` drops the rest). Chat turns share little (each turn's
 prompt is one templated message), but a retried empty answer re-prefills only its last prompt token.
@@ -43,8 +43,8 @@ from typing import Callable, Sequence
 import torch
 
 from core.causal_lm import CausalLM
-from core.kv_cache import KVCache
 from core.cli import COUNT, NONNEG, POSITIVE, check_config, flag
+from infer.prefix_cache import PrefixCache
 
 StreamFn = Callable[[int, str], None]
 DecodeFn = Callable[[list[int]], str]
@@ -265,39 +265,6 @@ class GenerationOutput:
     token_ids: list[list[int]]                      # new tokens per row (no EOS, none after a stop string)
     texts: list[str] = field(default_factory=list)  # answers, stop string and after removed, stripped
     finish_reasons: list[str] = field(default_factory=list)  # "eos" | "stop" | "length"
-
-
-class PrefixCache:
-    """A batch-1 KV cache kept between `generate` calls, with the token ids it holds.
-
-    `take(model, ids)` returns (cache, n): the cache truncated to the longest prefix it shares with `ids` (at
-    most len(ids) - 1 tokens, so the prefill yields the last position's logits), and n, the positions reused;
-    `keep(ids)` records what the cache holds after a generation. Another model (or an interrupted call, which
-    never reaches `keep`) starts from an empty cache. `reused` / `prefilled`: the last call's token counts."""
-
-    def __init__(self) -> None:
-        self.cache: KVCache | None = None
-        self.ids: list[int] = []
-        self.model_id: int | None = None
-        self.reused = self.prefilled = 0
-
-    def take(self, model: torch.nn.Module, ids: list[int]) -> tuple[KVCache, int]:
-        if self.cache is None or self.model_id != id(model):
-            self.cache, self.ids, self.model_id = model.new_cache(), [], id(model)
-        shared = 0
-        for a, b in zip(self.ids, ids):
-            if a != b:
-                break
-            shared += 1
-        shared = min(shared, len(ids) - 1, self.cache.length)
-        self.cache.truncate(shared)
-        self.ids = []                  # not valid until keep(): an interrupted generation leaves it empty
-        self.reused, self.prefilled = shared, len(ids) - shared
-        return self.cache, shared
-
-    def keep(self, ids: list[int]) -> None:
-        assert self.cache is not None and len(ids) == self.cache.length, (len(ids), self.cache)
-        self.ids = ids
 
 
 def _last_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
