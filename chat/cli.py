@@ -34,7 +34,7 @@ from core.cli import DTYPE_CHOICES, Parser, add_config_flags, choose_dtype, conf
 from core.errors import OhLoRAError
 from data.sft import PromptTemplate
 from chat.memory import MemoryStore, load_memory_encoder
-from sbert.bases import TRAINED_DIR
+from bert.bases import TRAINED_DIR
 from data.memory_items import ITEM_PATTERN, extract_memory_items, strip_memory_items
 import infer.sampler
 from infer.prefix_cache import PrefixCache
