@@ -85,8 +85,8 @@ def dataset(args, tokenizer) -> tuple[list[dict], list[dict], list[str]]:
 def lora_settings():
     from gemma.model import GemmaForCausalLM
     from train.sft import GEMMA_DEMO
-    return dict(r=GEMMA_DEMO.lora_r, alpha=GEMMA_DEMO.lora_alpha, dropout=0.05, lr=GEMMA_DEMO.lr,
-                max_length=GEMMA_DEMO.max_length, targets=list(GemmaForCausalLM.LORA_TARGETS))
+    return dict(r=GEMMA_DEMO["lora_r"], alpha=GEMMA_DEMO["lora_alpha"], dropout=0.05, lr=GEMMA_DEMO["lr"],
+                max_length=GEMMA_DEMO["max_length"], targets=list(GemmaForCausalLM.LORA_TARGETS))
 
 
 def our_dtype():
