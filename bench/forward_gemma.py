@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from bench.forward import CPU_SHARE, hf_greedy, interleaved, memory_bandwidth_gbs, ours_greedy  # noqa: E402
+from bench.common import CPU_SHARE, hf_greedy, interleaved, memory_bandwidth_gbs, ours_greedy  # noqa: E402
 from gemma import GGUFFile, default_gemma_gguf, load_gguf, tokenizer_from_gguf  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

@@ -32,23 +32,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from bench.common import memory_bandwidth_gbs  # noqa: E402
 from core.onednn import pack_linears  # noqa: E402
 from infer.sampler import SamplingConfig, generate_ids  # noqa: E402
-
-
-def measure_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
-    """GB/s of a large tensor copy (read + write), best of `repeats`."""
-    src = torch.ones(megabytes * 2 ** 20 // 2, dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # fault the pages in
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t0)
-    nbytes = 2 * src.numel() * src.element_size()
-    del src, dst
-    return nbytes / best / 1e9
 
 
 def build_models(num_layers: int | None = None, seed: int = 0):
@@ -133,7 +119,7 @@ def run(new_tokens: int = 80, prompt_len: int = 32, repeats: int = 2, num_layers
         with_hf: bool = True, seed: int = 0, verbose: bool = True) -> dict:
     """Tokens/s of ours and HF's batch-1 greedy decoding (best of `repeats`, prefill included), the bound."""
     say = print if verbose else (lambda *a, **k: None)
-    bandwidth = measure_bandwidth()
+    bandwidth = memory_bandwidth_gbs()
     ours, hf, config = build_models(num_layers, seed)
     nbytes = weight_bytes_per_token(ours)
     bound = bandwidth * 1e9 / nbytes

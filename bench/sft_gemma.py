@@ -187,7 +187,7 @@ def train_hf(args) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
 
-    from bench.sft import hf_collator_and_timer
+    from bench.common import hf_collator_and_timer
 
     s, tok = lora_settings(), _our_tokenizer()
     model = _hf_model()

@@ -49,13 +49,12 @@ def base_path(adapter: str | Path, model: str | None) -> Path:
     """--model, or the base the adapter records (adapter_config.json base_model_name_or_path)."""
     if model:
         return Path(model)
-    from core.jsonio import read_json
-    from lora.io import CONFIG_NAME, AdapterError
+    from lora.io import CONFIG_NAME, adapter_base_model
 
     config_path = Path(adapter) / CONFIG_NAME
     if not config_path.is_file():
         raise ExportError(f"{config_path}: not found (is --adapter {adapter} an adapter folder?)")
-    recorded = read_json(config_path, AdapterError).get("base_model_name_or_path")
+    recorded = adapter_base_model(adapter)
     if not recorded:
         raise ExportError(f"{config_path}: no base_model_name_or_path recorded; pass --model PATH")
     if not Path(recorded).exists():

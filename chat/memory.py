@@ -28,6 +28,7 @@ import numpy as np
 
 from core.atomic import atomic_write_text
 from core.cli import COSINE, COUNT, Parser, add_config_flags, config_from_args, flag, run_cli
+from core.jsonio import read_text
 from data.memory_items import MemoryFormatError, clean_text, format_item, parse_item
 from sbert.bases import TRAINED_DIR, default_model_dir
 
@@ -95,10 +96,7 @@ class MemoryStore:
             if missing_ok:
                 return cls(path=path, encoder=encoder, threshold=threshold)
             raise FileNotFoundError(f"{path}: memory store not found")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise MemoryFormatError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+        text = read_text(path, MemoryFormatError)
         store = cls(path=path, encoder=encoder, threshold=threshold)
         if path.suffix.lower() == ".json":
             try:

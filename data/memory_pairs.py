@@ -31,6 +31,7 @@ import pandas as pd
 from core.atomic import atomic_write_file
 from core.cli import Parser, add_config_flags, config_from_args, flag, run_cli
 from core.errors import OhLoRAError
+from core.jsonio import read_text
 
 COLUMNS = ("memory_0", "user_prompt_1", "similarity_score")
 # Keys that name the same topic; each key of a group is scored as the group's first (canonical) key.
@@ -104,12 +105,7 @@ def read_combinations(path: str | os.PathLike) -> list[MemoryLine]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such combination file")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line_no = raw[: err.start].count(b"\n") + 1
-        raise CombinationFileError(f"{path}:{line_no}: not valid UTF-8 (byte offset {err.start})") from None
+    text = read_text(path, CombinationFileError, bom=True)
     lines = [parse_line(line, str(path), i) for i, line in enumerate(text.splitlines(), start=1) if line.strip()]
     if not lines:
         raise CombinationFileError(f"{path}: no combination lines")

@@ -21,6 +21,7 @@ Pure numpy/pandas (no scipy). `evaluate(model, df)` is what `sbert.train` calls 
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -35,6 +36,7 @@ import pandas as pd
 from core.atomic import atomic_write_file
 from core.cli import COUNT, Parser, add_config_flags, config_from_args, flag, run_cli
 from core.errors import OhLoRAError
+from core.jsonio import read_text
 from data.memory_pairs import KEY_ALIASES, CombinationFileError, build_pairs, read_combinations
 from sbert.calibrate import best_items, calibration_set, encode_role, pick_threshold, rates
 
@@ -115,10 +117,11 @@ def load_pairs(path: str | os.PathLike) -> pd.DataFrame:
 def _read_pairs_csv(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise PairsFileError(f"{path}: no such pairs CSV")
+    text = read_text(path, PairsFileError, bom=True)
     try:
-        df = pd.read_csv(path, encoding="utf-8", keep_default_na=False)
-    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise PairsFileError(f"{path}: not a readable UTF-8 CSV ({str(err).splitlines()[0]})") from None
+        df = pd.read_csv(io.StringIO(text), keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise PairsFileError(f"{path}: not a readable CSV ({str(err).splitlines()[0]})") from None
     missing = [c for c in PAIR_COLUMNS if c not in df.columns]
     if missing:
         raise PairsFileError(f"{path}: missing column(s) {missing}; need {list(PAIR_COLUMNS)}")

@@ -105,7 +105,7 @@ def test_loss_gradients_equal_full_logits_autograd(family_base, head):
     model, tok = load_causal_lm(family_base)
     torch.manual_seed(0)
     inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0, init=False, target_modules=list(model.LORA_TARGETS)))
-    getattr(model, model.HEAD).weight.requires_grad_(head == "trainable")
+    model.head.weight.requires_grad_(head == "trainable")
     exs = [encode_pair(tok, PromptTemplate(), q, a)[0] for q, a in [("안녕", "반가워! 오늘 뭐 해?"), ("잘 자", "너도")]]
     b = collate(exs, tok.pad_token_id)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -29,12 +29,12 @@ import torch
 
 from core.cli import DTYPE_CHOICES, Parser, add_config_flags, choose_dtype, config_from_args, flag, run_cli
 from core.errors import OhLoRAError
-from core.jsonio import read_json
 from core.registry import bundled_weights
 from data.memory_items import extract_memory_items, strip_memory_items
 from data.sft import PromptTemplate, QAPair, collate, encode_pairs, length_bucketed_batches, load_sft_csv
 from infer.models import check_model_path, load_causal_lm
 from infer.sampler import SamplingConfig, generate_detailed
+from lora.io import adapter_base_model
 from train.loop import evaluate_loss
 from train.loss import CausalLMLoss
 
@@ -187,7 +187,7 @@ class QualityError(OhLoRAError):
 
 def base_of(adapter: Path) -> str:
     """The base model an adapter was trained on, as train.sft records it (base_model_name_or_path)."""
-    named = read_json(adapter / "adapter_config.json", QualityError).get("base_model_name_or_path")
+    named = adapter_base_model(adapter)
     if not named or not Path(named).exists():
         raise QualityError(f"{adapter / 'adapter_config.json'}: base_model_name_or_path {named!r} is not here; "
                            "pass --model PATH")
