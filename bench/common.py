@@ -27,7 +27,7 @@ def memory_bandwidth_gbs(size_mb: int = 1024, repeats: int = 5) -> float:
 def interleaved(fns: dict, repeats: int, warmups: dict | None = None) -> tuple[dict, dict]:
     """Median seconds per function, calls alternating (ours, HF, ours, HF, ...) so that load from other
     processes hits both alike. Each is warmed up first (with `warmups[name]` if given). Returns (times, outputs)."""
-    for name, fn in fns.items():
+    for name in fns:
         (warmups or fns)[name]()
     times: dict[str, list[float]] = {name: [] for name in fns}
     cpu: dict[str, list[float]] = {name: [] for name in fns}
@@ -73,7 +73,8 @@ def hf_greedy(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------- HF
 def hf_collator_and_timer(special: dict[str, int], pad: str, eos: str):
     """(DataCollatorForSeq2Seq, Timer callback) for an HF Trainer run on pre-tokenized rows: the collator only
-    needs the pad id, so its tokenizer is a stub WordLevel over `special` (with "<unk>"); Timer.seconds = train() wall time."""
+    needs the pad id, so its tokenizer is a stub WordLevel over `special` (with "<unk>"); Timer.seconds = train()
+    wall time."""
     from tokenizers import Tokenizer, models
     from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerFast, TrainerCallback
 

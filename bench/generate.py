@@ -16,8 +16,8 @@ CPU differs from day to day.
 
 Our model is timed twice: with plain `nn.Linear` layers, and after `core.onednn.pack_linears` (oneDNN
 pre-packed weights, bitwise equal in bf16), which is what `python -m chat` runs. The three timings are
-interleaved repeat by repeat (best of `--repeats` each), so a change of load on a shared machine hits all alike. `speedup_vs_hf` is the
-packed path; `plain_speedup_vs_hf` the other.
+interleaved repeat by repeat (best of `--repeats` each), so a change of load on a shared machine hits all
+alike. `speedup_vs_hf` is the packed path; `plain_speedup_vs_hf` the other.
 
 `run(...) -> dict` is the API bench/sft.py calls.
 """
@@ -96,7 +96,8 @@ def _hangul_decode(ids: list[int]) -> str:
 
 
 def time_ours(model, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, list[int]]:
-    cfg = SamplingConfig(do_sample=False, max_new_tokens=new_tokens, stop_strings=("(답변 종료)",), no_repeat_ngram_size=0)
+    cfg = SamplingConfig(do_sample=False, max_new_tokens=new_tokens, stop_strings=("(답변 종료)",),
+                         no_repeat_ngram_size=0)
     t0 = time.perf_counter()
     out = generate_ids(model, input_ids, None, cfg, eos_token_id=None, decode=_hangul_decode)
     elapsed = time.perf_counter() - t0

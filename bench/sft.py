@@ -25,7 +25,8 @@ unrealistically short). Ids are spread over the model's 30,080-token vocabulary 
 
 Each side runs in its own subprocess, so `ru_maxrss` is that side's peak RSS (model build included).
 Throughput = non-pad tokens of the N examples / wall time of a training pass over them (after one warm-up
-step on a separate batch; best of `--passes`, as other processes may share the CPU). Then decoding: `bench.generate.run` (our sampler vs HF `generate`, batch 1, 80 new tokens).
+step on a separate batch; best of `--passes`, as other processes may share the CPU). Then decoding:
+`bench.generate.run` (our sampler vs HF `generate`, batch 1, 80 new tokens).
 Only the ratios count: the CPU differs from day to day, and other processes share it.
 """
 from __future__ import annotations

@@ -10,7 +10,8 @@ One turn:
 
 Model: `--model PATH` (an HF folder of either family with tokenizer.json, or a Gemma .gguf file) + `--adapter DIR`
 (PEFT LoRA), merged into the weights once at start-up so decoding costs the same as the base model, and on CPU
-the linear weights are pre-packed for oneDNN (`core.onednn`: faster batch-1 decoding, same numbers; `--no-pack` to skip).
+the linear weights are pre-packed for oneDNN (`core.onednn`: faster batch-1 decoding, same numbers; `--no-pack`
+to skip).
 With neither flag it uses what `python -m train.sft` saved: the adapter `runs/sft/best/` and its base (the
 folder or GGUF file the adapter names — the real Gemma-3 270M for the default run — else `runs/sft/base/`).
 
@@ -29,15 +30,15 @@ from typing import Callable
 
 import torch
 
+from chat.memory import MemoryStore, load_memory_encoder
 from core.cli import DTYPE_CHOICES, Parser, add_config_flags, choose_dtype, config_from_args, flag, run_cli
 from core.errors import OhLoRAError
-from data.sft import PromptTemplate
-from chat.memory import MemoryStore, load_memory_encoder
-from sbert.bases import TRAINED_DIR
 from data.memory_items import ITEM_PATTERN, extract_memory_items, strip_memory_items
+from data.sft import PromptTemplate
 from infer.prefix_cache import PrefixCache
-from lora.io import adapter_base_model
 from infer.sampler import SamplingConfig, generate
+from lora.io import adapter_base_model
+from sbert.bases import TRAINED_DIR
 
 DEFAULT_BASE = Path("runs/sft/base")
 DEFAULT_ADAPTER = Path("runs/sft/best")
@@ -185,8 +186,8 @@ def load_chat_model(model_path: Path, adapter_dir: Path | None, dtype: torch.dty
 
     With `pack` (CPU), linear weights are pre-packed for oneDNN (core.onednn): faster decoding, same
     numbers (bitwise in bf16); the model is then inference-only."""
-    from lora import load_adapter, merge_lora
     from infer.models import load_causal_lm
+    from lora import load_adapter, merge_lora
 
     model, tokenizer = load_causal_lm(model_path, dtype=dtype)
     if adapter_dir is not None:

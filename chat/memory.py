@@ -1,6 +1,7 @@
 """The chatbot's memory: stored `[key: value]` items, the one most similar to the user's message is prepended.
 
-    best = argmax_i cos(E_passage(item_i), E_query(message));  prompt = f"{item_best} {message}" if cos >= t else message
+    best = argmax_i cos(E_passage(item_i), E_query(message))
+    prompt = f"{item_best} {message}" if cos >= t else message
 
 t is the threshold calibrated for the model and saved in its folder (ohlora_memory.json, written by
 `python -m sbert.train`), else the original's 0.6; an explicit `threshold=` / `--threshold` wins. The message

@@ -210,8 +210,8 @@ def check_device(text: str) -> str:
     return text
 
 
-_METAVARS = {"output_dir": "DIR", "dir": "DIR", "file": "FILE", "path": "PATH", "output_file": "FILE", "device": "DEVICE",
-             int: "N", float: "X", str: None}
+_METAVARS = {"output_dir": "DIR", "dir": "DIR", "file": "FILE", "path": "PATH", "output_file": "FILE",
+             "device": "DEVICE", int: "N", float: "X", str: None}
 KINDS: dict[str, Callable[[str], str]] = {"output_dir": check_output_dir, "output_file": check_output_file,
                                           "dir": check_dir, "file": check_file, "path": check_path,
                                           "device": check_device}

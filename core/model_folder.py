@@ -19,8 +19,15 @@ from typing import Any
 import torch
 
 from core.dtypes import dtype_name
-from core.safetensors_io import (CheckpointError, SafetensorsFile, assign_state, match_keys, read_state,
-                                 save_folder, weight_files)
+from core.safetensors_io import (
+    CheckpointError,
+    SafetensorsFile,
+    assign_state,
+    match_keys,
+    read_state,
+    save_folder,
+    weight_files,
+)
 
 
 def expected_state(model_class: type, config: Any) -> tuple[dict[str, tuple[int, ...]], set[str]]:

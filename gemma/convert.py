@@ -39,7 +39,8 @@ class ConvertOptions:
     gguf: str = flag(None, positional=True, kind="file", metavar="FILE.gguf", help="a Gemma-2 / Gemma-3 .gguf file")
     out_dir: str = flag(None, positional=True, kind="output_dir", metavar="OUT_DIR",
                         help="HF folder to write (files replaced atomically if it exists)")
-    dtype: str = flag("fp32", choices=tuple(sorted(DTYPES)), help="weights dtype (fp32: the dequantised values exactly)")
+    dtype: str = flag("fp32", choices=tuple(sorted(DTYPES)),
+                      help="weights dtype (fp32: the dequantised values exactly)")
 
 
 @run_cli  # GGUFError / ConfigError (OhLoRAError) and OSError -> `error: <file>: <problem>`, exit 2

@@ -6,9 +6,10 @@ Keys are the HF checkpoint's own names (our modules are named like HF's), so loa
 `gpt_neox.layers.{i}.mlp.{dense_h_to_4h,dense_4h_to_h}.{weight,bias}`, `gpt_neox.final_layer_norm.{weight,bias}`,
 `embed_out.weight` (absent when tie_word_embeddings: then it is embed_in's matrix).
 
-Loading is lean (core.model_folder, core.safetensors_io): the module is built on the meta device (no random weights), each tensor
-is read from its shard with plain file reads (no mmap) and cast to the requested dtype on the way, then assigned
-(`load_state_dict(assign=True)`); peak memory stays near one copy of the weights in the target dtype.
+Loading is lean (core.model_folder, core.safetensors_io): the module is built on the meta device (no random
+weights), each tensor is read from its shard with plain file reads (no mmap) and cast to the requested dtype on
+the way, then assigned (`load_state_dict(assign=True)`); peak memory stays near one copy of the weights in the
+target dtype.
 """
 from __future__ import annotations
 

@@ -7,9 +7,10 @@
 
 The family is read from the checkpoint itself — config.json's `model_type`, or a GGUF file's
 `general.architecture` — never from a user flag; no family is named here. A `ModelSource` is read once (a
-`--model` checked by `check_model_path` is handed over to the run's first `inspect_model`) and passed down: its parsed config.json, its config object and its opened GGUF file (whose vocabulary takes seconds
-to parse) are each made once and shared by the model, the tokenizer and export. Every loader accepts a
-ModelSource or a path. What comes back follows the causal-LM contract (core/causal_lm.py).
+`--model` checked by `check_model_path` is handed over to the run's first `inspect_model`) and passed down: its
+parsed config.json, its config object and its opened GGUF file (whose vocabulary takes seconds to parse) are each
+made once and shared by the model, the tokenizer and export. Every loader accepts a ModelSource or a path. What
+comes back follows the causal-LM contract (core/causal_lm.py).
 
 `match_checkpoint` is the strict name/shape check of an HF folder from its headers alone, for loaders that build
 the model themselves (train/fsdp_model.py: on the meta device, then shard by shard).

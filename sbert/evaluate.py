@@ -15,7 +15,8 @@ Figures (predicted = cos(embed(memory_0), embed(user_prompt_1)), true = similari
 Memories are encoded as passages and messages as queries, with the model's stored prompts (e5's `passage: ` /
 `query: `; none for MiniLM), as the memory store does.
 
-    python -m sbert.evaluate --model runs/sbert/best [more folders…] --data data/memory_test.csv [--json] [--plot scatter.png]
+    python -m sbert.evaluate --model runs/sbert/best [more folders…] --data data/memory_test.csv [--json]
+                             [--plot scatter.png]
 
 Pure numpy/pandas (no scipy). `evaluate(model, df)` is what `sbert.train` calls before and after training.
 """
@@ -28,7 +29,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -38,7 +39,7 @@ from core.cli import COUNT, Parser, add_config_flags, config_from_args, flag, ru
 from core.errors import OhLoRAError
 from core.jsonio import read_text
 from data.memory_pairs import KEY_ALIASES, CombinationFileError, build_pairs, read_combinations
-from sbert.calibrate import best_items, calibration_set, encode_role, pick_threshold, rates
+from sbert.calibrate import Encoder, best_items, calibration_set, encode_role, pick_threshold, rates
 
 PAIR_COLUMNS = ("memory_0", "user_prompt_1", "similarity_score")
 METRIC_NAMES = ("mse", "mae", "pearson", "spearman", "recall_at_1")
@@ -47,10 +48,6 @@ MEMORY_NAMES = ("threshold", "false_prepend", "miss")  # shown when present (sbe
 
 class PairsFileError(OhLoRAError):
     """A pairs CSV (or combination file) that is missing, unreadable or lacks the required columns."""
-
-
-class Encoder(Protocol):
-    def encode(self, texts: Sequence[str], batch_size: int = 32, convert_to_numpy: bool = True) -> Any: ...
 
 
 # --------------------------------------------------------------------------------------------------- metrics

@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sbert.encoder import BertEncoder, EncoderLoadError, load_encoder, save_encoder_weights
-from sbert.tokenizer import SentenceTokenizer
 from core.atomic import atomic_write_dir
 from core.jsonio import read_json
+from sbert.encoder import BertEncoder, EncoderLoadError, load_encoder, save_encoder_weights
+from sbert.tokenizer import SentenceTokenizer
 
 MODULE_KINDS = ("Transformer", "Pooling", "Normalize")
 LEGACY_TYPES = {k: f"sentence_transformers.models.{k}" for k in MODULE_KINDS}

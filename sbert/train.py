@@ -56,7 +56,7 @@ from sbert.calibrate import MAX_FALSE, calibrate
 from sbert.evaluate import bundled_pairs, evaluate, format_table, json_safe, load_pairs, plot_scatter
 from sbert.losses import LOSSES
 from sbert.model import MEMORY_CONFIG, PASSAGE, QUERY, SentenceEncoder
-from train.distributed import DistInfo, fail_fast_on_collective_error, init_distributed
+from train.distributed import DistInfo, init_distributed, torn_down
 from train.loop import LoopConfig, Trainer, TrainResult
 
 NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias")  # as sentence-transformers' fit
@@ -345,7 +345,8 @@ def setup_model(cfg: TrainConfig, info: DistInfo, say, n_fit: int, n_valid: int)
     accum = f" × {cfg.grad_accum} accum" if cfg.grad_accum > 1 else ""
     prompts = {r: model.prompt(r) for r in (PASSAGE, QUERY)}
     say(f"base {base} | loss {cfg.loss} | max_seq_length {model.max_seq_length} "
-        f"({tokens_per_syllable(model):.1f} tokens per Hangul syllable) | prompts {prompts if any(prompts.values()) else 'none'}"
+        f"({tokens_per_syllable(model):.1f} tokens per Hangul syllable) | "
+        f"prompts {prompts if any(prompts.values()) else 'none'}"
         f"{' | word embeddings frozen' if freeze else ''} | "
         f"{n_fit} train / {n_valid} valid pairs | batch {cfg.batch_size}{accum} × {info.world_size} "
         f"rank(s) = global batch {cfg.batch_size * cfg.grad_accum * info.world_size}"
@@ -437,12 +438,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 @run_cli  # OhLoRAError (bad data, base, --resume; a diverged run: exit 1) / OSError -> one line
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    try:
-        with fail_fast_on_collective_error():  # a dead / hung rank: one clear line, exit 1, no hang
-            train(cfg)
-    finally:
-        from train.distributed import cleanup
-        cleanup()
+    with torn_down():  # a dead / hung rank: one clear line, exit 1, no hang
+        train(cfg)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""chat (python -m chat): memory item prepended to the prompt, produced items stored, answers shown without items, CLI."""
+"""chat (python -m chat): memory item prepended to the prompt, produced items stored, answers shown without items,
+CLI."""
 from __future__ import annotations
 
 import numpy as np
@@ -123,8 +124,8 @@ def test_cli_once_loads_merges_and_stores(model_and_adapter, tmp_path, monkeypat
     seen = {}
 
     def fake_generate(model, tokenizer, prompts, config, stream=None, prefix_cache=None):
-        from lora import lora_layers
         from core.onednn import PackedLinear, packing_available
+        from lora import lora_layers
         seen.update(model=model, prompts=prompts, config=config)
         assert not list(lora_layers(model)) and not model.training        # merged, eval mode
         assert isinstance(model.embed_out, PackedLinear) == packing_available(model.embed_out.weight.dtype)

@@ -147,9 +147,8 @@ def test_gguf_family_from_the_header(tmp_path):
     """general.architecture is read from the first header keys (not the whole file); an architecture no family
     reads is one line naming the file; a file cut short falls back to the only GGUF family (whose loader says
     what is wrong)."""
-    from gemma_fixtures import tiny_hf_gemma, write_tiny_gguf
-
     from core.gguf_header import gguf_architecture
+    from gemma_fixtures import tiny_hf_gemma, write_tiny_gguf
     from infer.models import ModelPathError, inspect_model
 
     hf = tiny_hf_gemma("gemma3", for_gguf=True)

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 from core.registry import families
 from data.sft import PromptTemplate, collate, encode_pair
 from gptneox.load import load_model, save_pretrained
+from infer.models import load_causal_lm
 from lora import LoRAConfig, inject_lora
 from train.default_model import DefaultModelSpec, build_default_base, bundled_data_path
-from infer.models import load_causal_lm
 from train.loop import LoopConfig, NonFiniteLossError, Trainer
 from train.progress import read_jsonl
 from train.sft import CausalLMLoss, main, run

@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data.sft import PromptTemplate, load_sft_csv
 from core.atomic import atomic_write_dir
+from data.sft import PromptTemplate, load_sft_csv
 
 FINGERPRINT_FILE = "ohlora_default.json"
 BASE_MODEL_TYPE = "gpt_neox"  # the tiny base's architecture (Polyglot-Ko's), built through the family registry

@@ -6,9 +6,10 @@ number of tokens in the whole accumulation window, so a window of uneven batches
 (what one big batch would do). Keeping the loss inside an `nn.Module` forward is also what DDP/FSDP need.
 
 Resume: `OUT/state/` (train/checkpoint.py) holds the trainable tensors and `state.pt` (optimizer, scheduler,
-grad scaler, RNG states, epoch / micro-batch position, best eval loss). Batches of an epoch are a pure function of (seed, epoch), so skipping the micro-batches already done and
-restoring the RNG gives the same weights as an uninterrupted run. Evaluation and sample generation run inside
-`torch.random.fork_rng`, so how often one evaluates never changes the training RNG stream.
+grad scaler, RNG states, epoch / micro-batch position, best eval loss). Batches of an epoch are a pure function
+of (seed, epoch), so skipping the micro-batches already done and restoring the RNG gives the same weights as an
+uninterrupted run. Evaluation and sample generation run inside `torch.random.fork_rng`, so how often one
+evaluates never changes the training RNG stream.
 
 Never a silent NaN: a non-finite training loss, gradient norm, trainable parameter (after the step) or eval loss
 stops the run with `NonFiniteError` naming the optimizer step, before anything is saved for it.
@@ -37,12 +38,25 @@ from core.errors import OhLoRAError
 from core.malloc import return_large_blocks_to_os
 from core.onednn import invalidate_packs
 from core.unwrap import unwrap
-from train.checkpoint import (STATE_VERSION, ResumeError, read_resume_state, rng_state, set_rng_state,  # noqa: F401
-                              write_state)
-from train.distributed import (DistInfo, all_reduce_sum, full_optimizer_state_dict, full_trainable_params,
-                               gather_objects, grad_sync, init_distributed, is_fsdp, load_full_tensor,
-                               load_optimizer_state_dict, mean_grad_factor, on_main, shard, shard_for_eval,
-                               trainable_state_dict, wrap_ddp)
+from train.checkpoint import STATE_VERSION, ResumeError, read_resume_state, rng_state, set_rng_state, write_state
+from train.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    full_optimizer_state_dict,
+    full_trainable_params,
+    gather_objects,
+    grad_sync,
+    init_distributed,
+    is_fsdp,
+    load_full_tensor,
+    load_optimizer_state_dict,
+    mean_grad_factor,
+    on_main,
+    shard,
+    shard_for_eval,
+    trainable_state_dict,
+    wrap_ddp,
+)
 from train.optim import build_adamw, build_scheduler
 from train.progress import JsonlLogger, plot_curves, print_line, progress_bar, read_jsonl
 

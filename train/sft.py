@@ -35,16 +35,33 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from core.cli import COUNT, DTYPE_CHOICES, NONNEG, Parser, add_config_flags, choose_dtype, config_from_args, flag, \
-    run_cli
+from core.cli import (
+    COUNT,
+    DTYPE_CHOICES,
+    NONNEG,
+    Parser,
+    add_config_flags,
+    choose_dtype,
+    config_from_args,
+    flag,
+    run_cli,
+)
 from core.registry import bundled_weights
-from data.sft import PromptTemplate, SFTDataError, collate, encode_pairs, length_bucketed_batches, load_sft_csv, \
-    padding_stats, perplexity
+from data.sft import (
+    PromptTemplate,
+    SFTDataError,
+    collate,
+    encode_pairs,
+    length_bucketed_batches,
+    load_sft_csv,
+    padding_stats,
+    perplexity,
+)
 from infer.models import check_model_path, inspect_model, load_causal_lm, load_tokenizer
 from infer.sampler import SamplingConfig, generate
 from lora import LoRAConfig, inject_lora, save_adapter
 from train.default_model import DefaultModelSpec, build_default_base, bundled_data_path
-from train.distributed import DistInfo, fail_fast_on_collective_error, init_distributed, on_main
+from train.distributed import DistInfo, init_distributed, on_main, torn_down
 from train.loop import LoopConfig, Trainer
 from train.loss import CausalLMLoss
 from train.quality import measure, print_report, quality_sampling, with_and_without_memory
@@ -363,12 +380,8 @@ def report_run(args: argparse.Namespace, info: DistInfo, result, model, tokenize
 
 @run_cli
 def main(argv: list[str] | None = None) -> int:
-    try:
-        with fail_fast_on_collective_error():  # a dead / hung rank: one clear line, exit 1, no hang
-            run(argv)
-    finally:
-        from train.distributed import cleanup
-        cleanup()
+    with torn_down():  # a dead / hung rank: one clear line, exit 1, no hang
+        run(argv)
     return 0
 
 
