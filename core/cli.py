@@ -388,12 +388,12 @@ def add_config_flags(parser: argparse.ArgumentParser, config: type, *, only: tup
 
 
 def config_from_args(config: type, args: argparse.Namespace, *, prefix: str = "", **changes: Any) -> Any:
-    """The dataclass `config` from the parsed flags (fields without a flag keep their defaults); `prefix` as
-    given to add_config_flags."""
+    """The dataclass `config` from the parsed flags (fields without flag() keep their defaults, whatever else
+    the namespace holds); `prefix` as given to add_config_flags."""
     hints = typing.get_type_hints(config)
     values = {}
     for f in dataclasses.fields(config):
-        if f.init and hasattr(args, _dest(f, prefix)):
+        if f.init and any(k in f.metadata for k in _META_KEYS) and hasattr(args, _dest(f, prefix)):
             value = getattr(args, _dest(f, prefix))
             if isinstance(value, list) and typing.get_origin(_strip_optional(hints[f.name])) is tuple:
                 value = tuple(value)

