@@ -16,8 +16,9 @@ Throughput is the median over the timed steps of (global non-pad tokens / step t
 steps. Memory, per rank: the RSS resident once the model is set up (base weights — whole under DDP, 1/N under
 FSDP — and adapter), the peak during training (the high-water mark is reset after set-up; activations are the
 same in both, FSDP adds the all-gathered full weights of ~2 layers in flight) and the peak over the whole run
-(loading included), each taken above the RSS of a bare `import torch` process. On CPU every process gets OMP_NUM_THREADS=1 so that
-N processes use N cores, as on N GPUs; glibc's mmap threshold is pinned so freed tensors leave the RSS.
+(loading included), each taken above the RSS of a bare `import torch` process. On CPU every process gets
+OMP_NUM_THREADS=1 so that N processes use N cores, as on N GPUs; glibc's mmap threshold is pinned so freed
+tensors leave the RSS.
 """
 from __future__ import annotations
 
@@ -55,9 +56,9 @@ def worker(args: argparse.Namespace) -> None:
 
     base_rss = rss_mb()
     with distributed_session() as info:
+        from lora import LoRAConfig, inject_lora
         from train.loop import LoopConfig, Trainer
         from train.sft import CausalLMLoss
-        from lora import LoRAConfig, inject_lora
 
         dtype = torch.bfloat16 if args.bf16 else torch.float32
         from infer.models import inspect_model

@@ -15,15 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from bench.common import CPU_SHARE, hf_greedy, interleaved, memory_bandwidth_gbs, ours_greedy
 from gptneox import GPTNeoXConfig, GPTNeoXForCausalLM, load_model, save_pretrained
 
 
@@ -50,64 +49,6 @@ def build_folder(config: GPTNeoXConfig, folder: Path) -> Path:
 def _meta_model(config: GPTNeoXConfig) -> GPTNeoXForCausalLM:
     with torch.device("meta"):
         return GPTNeoXForCausalLM(config)
-
-
-def memory_bandwidth_gbs(size_mb: int = 1024, repeats: int = 5) -> float:
-    """Copy bandwidth (bytes read + bytes written per second) with a big tensor copy."""
-    src = torch.empty(size_mb * 2**20, dtype=torch.uint8).fill_(1)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * src.numel() / best / 1e9
-
-
-def interleaved(fns: dict, repeats: int, warmups: dict | None = None) -> tuple[dict, dict]:
-    """Median seconds per function, calls alternating (ours, HF, ours, HF, ...) so that load from other
-    processes hits both alike. Each is warmed up first (with `warmups[name]` if given). Returns (times, outputs)."""
-    for name, fn in fns.items():
-        (warmups or fns)[name]()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    cpu: dict[str, list[float]] = {name: [] for name in fns}
-    outputs = {}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            outputs[name] = fn()
-            times[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c0)
-            CPU_SHARE.append(cpu[name][-1] / times[name][-1])
-    medians = {name: statistics.median(t) for name, t in times.items()}
-    medians.update({f"{name}_cpu": statistics.median(t) for name, t in cpu.items()})
-    return medians, outputs
-
-
-CPU_SHARE: list[float] = []  # CPU seconds / wall seconds of each timed call: < threads means contention
-
-
-@torch.inference_mode()
-def ours_greedy(model, prompt: torch.Tensor, steps: int, banned: int | list[int] | None = None) -> torch.Tensor:
-    """Greedy decoding on the causal-LM contract; `banned` ids (e.g. EOS) never chosen, as HF's min_new_tokens."""
-    cache = model.new_cache()
-    h = model.hidden_states(prompt, cache=cache)  # (B, T, H)
-    logits = model.logits(h[:, -1:])              # (B, 1, V): the LM head on the last position only
-    out = []
-    while True:
-        if banned is not None:
-            logits[..., banned] = float("-inf")
-        out.append(logits.argmax(-1))             # (B, 1)
-        if len(out) == steps:
-            return torch.cat(out, 1)
-        logits = model(out[-1], cache=cache)[:, -1:]
-
-
-@torch.inference_mode()
-def hf_greedy(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
-    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps,
-                         min_new_tokens=steps, do_sample=False, pad_token_id=0)
-    return out[:, prompt.shape[1]:]
 
 
 RSS_SNIPPET = """

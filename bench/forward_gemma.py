@@ -22,11 +22,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from bench.forward import CPU_SHARE, hf_greedy, interleaved, memory_bandwidth_gbs, ours_greedy  # noqa: E402
+from bench.common import CPU_SHARE, hf_greedy, interleaved, memory_bandwidth_gbs, ours_greedy  # noqa: E402
 from gemma import GGUFFile, default_gemma_gguf, load_gguf, tokenizer_from_gguf  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-TEXT = ("오늘 친구랑 카페에 가기로 했어. 그래서 아침부터 옷을 고르느라 정신이 없었는데, 막상 나가려니 비가 오기 시작했어. "
+TEXT = ("오늘 친구랑 카페에 가기로 했어. 그래서 아침부터 옷을 고르느라 정신이 없었는데, "
+        "막상 나가려니 비가 오기 시작했어. "
         "우산을 챙겨서 버스를 탔고, 카페에 도착하니 친구가 먼저 와서 기다리고 있었어. ") * 8
 
 LOAD_SNIPPET = """

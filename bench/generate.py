@@ -16,8 +16,8 @@ CPU differs from day to day.
 
 Our model is timed twice: with plain `nn.Linear` layers, and after `core.onednn.pack_linears` (oneDNN
 pre-packed weights, bitwise equal in bf16), which is what `python -m chat` runs. The three timings are
-interleaved repeat by repeat (best of `--repeats` each), so a change of load on a shared machine hits all alike. `speedup_vs_hf` is the
-packed path; `plain_speedup_vs_hf` the other.
+interleaved repeat by repeat (best of `--repeats` each), so a change of load on a shared machine hits all
+alike. `speedup_vs_hf` is the packed path; `plain_speedup_vs_hf` the other.
 
 `run(...) -> dict` is the API bench/sft.py calls.
 """
@@ -32,23 +32,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from bench.common import memory_bandwidth_gbs  # noqa: E402
 from core.onednn import pack_linears  # noqa: E402
 from infer.sampler import SamplingConfig, generate_ids  # noqa: E402
-
-
-def measure_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
-    """GB/s of a large tensor copy (read + write), best of `repeats`."""
-    src = torch.ones(megabytes * 2 ** 20 // 2, dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # fault the pages in
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t0)
-    nbytes = 2 * src.numel() * src.element_size()
-    del src, dst
-    return nbytes / best / 1e9
 
 
 def build_models(num_layers: int | None = None, seed: int = 0):
@@ -110,7 +96,8 @@ def _hangul_decode(ids: list[int]) -> str:
 
 
 def time_ours(model, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, list[int]]:
-    cfg = SamplingConfig(do_sample=False, max_new_tokens=new_tokens, stop_strings=("(답변 종료)",), no_repeat_ngram_size=0)
+    cfg = SamplingConfig(do_sample=False, max_new_tokens=new_tokens, stop_strings=("(답변 종료)",),
+                         no_repeat_ngram_size=0)
     t0 = time.perf_counter()
     out = generate_ids(model, input_ids, None, cfg, eos_token_id=None, decode=_hangul_decode)
     elapsed = time.perf_counter() - t0
@@ -133,7 +120,7 @@ def run(new_tokens: int = 80, prompt_len: int = 32, repeats: int = 2, num_layers
         with_hf: bool = True, seed: int = 0, verbose: bool = True) -> dict:
     """Tokens/s of ours and HF's batch-1 greedy decoding (best of `repeats`, prefill included), the bound."""
     say = print if verbose else (lambda *a, **k: None)
-    bandwidth = measure_bandwidth()
+    bandwidth = memory_bandwidth_gbs()
     ours, hf, config = build_models(num_layers, seed)
     nbytes = weight_bytes_per_token(ours)
     bound = bandwidth * 1e9 / nbytes

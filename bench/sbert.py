@@ -37,8 +37,8 @@ import numpy as np
 import torch
 
 from bert.bases import bundled_minilm_dir, default_base
-from sbert.evaluate import bundled_pairs, evaluate, format_table, load_pairs
 from bert.model import PASSAGE, QUERY, SentenceEncoder
+from sbert.evaluate import bundled_pairs, evaluate, format_table, load_pairs
 from sbert.train import LARGE_VOCAB, TrainConfig, split_train_valid, train
 
 MAX_LEN, BATCH, LR, WD, WARMUP, SEED = 128, 16, 2e-5, 0.01, 0.1, 42
@@ -47,8 +47,11 @@ MAX_LEN, BATCH, LR, WD, WARMUP, SEED = 128, 16, 2e-5, 0.01, 0.1, 42
 def train_reference(base, fit_df, epochs: int, out_dir: str, prompts: dict[str, str], freeze_words: bool):
     """sentence-transformers' SentenceTransformerTrainer with CosineSimilarityLoss; returns (model, seconds)."""
     from datasets import Dataset
-    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, \
-        SentenceTransformerTrainingArguments
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
     from sentence_transformers.sentence_transformer.losses import CosineSimilarityLoss
 
     model = SentenceTransformer(str(base), device="cpu")
@@ -153,13 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     speeds = encode_speeds({"st": lambda t: ref_enc.encode(t, batch_size=32, show_progress_bar=False),
                             "ours": lambda t: ours_enc.encode(t, batch_size=32)}, texts, args.encode_repeats)
     ours_sps, ref_sps = speeds["ours"], speeds["st"]
-    del ref_enc
+    ref_enc = None  # freed before the store latency is timed
     print(f"encode   sentences/s  ours {ours_sps:8.1f}   ST {ref_sps:8.1f}   ratio {ours_sps / ref_sps:5.2f}x "
           f"(min cosine ours vs ST {cos:.6f})")
     first, per_query = store_latency(ours_enc)
     print(f"memory store, 1,000 items: first query {first:.2f} s (encodes the items), then "
           f"{per_query * 1e3:.1f} ms per query (median of 20; one encode)")
-    del ours_enc
+    ours_enc = None
     if args.encode_only:
         return 0
 

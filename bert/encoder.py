@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.safetensors_io import CheckpointError, SafetensorsFile, match_keys, read_state, weight_files
 from core.jsonio import read_json
 from core.onednn import FUSED_ACTIVATIONS, PackCache, invalidate_packs, plain_linear, use_fast_path
+from core.safetensors_io import CheckpointError, SafetensorsFile, match_keys, read_state, weight_files
 
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
 ROBERTA_TYPES = ("roberta", "xlm-roberta")  # XLM-R is RoBERTa's architecture: same positions, pad id 1

@@ -10,7 +10,8 @@ One turn:
 
 Model: `--model PATH` (an HF folder of either family with tokenizer.json, or a Gemma .gguf file) + `--adapter DIR`
 (PEFT LoRA), merged into the weights once at start-up so decoding costs the same as the base model, and on CPU
-the linear weights are pre-packed for oneDNN (`core.onednn`: faster batch-1 decoding, same numbers; `--no-pack` to skip).
+the linear weights are pre-packed for oneDNN (`core.onednn`: faster batch-1 decoding, same numbers; `--no-pack`
+to skip).
 With neither flag it uses what `python -m train.sft` saved: the adapter `runs/sft/best/` and its base (the
 folder or GGUF file the adapter names — the real Gemma-3 270M for the default run — else `runs/sft/base/`).
 
@@ -21,7 +22,6 @@ model the chat works without memory (said once) but still saves the items answer
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from dataclasses import dataclass, field
@@ -30,15 +30,15 @@ from typing import Callable
 
 import torch
 
+from bert.bases import TRAINED_DIR
+from chat.memory import MemoryStore, load_memory_encoder
 from core.cli import DTYPE_CHOICES, Parser, add_config_flags, choose_dtype, config_from_args, flag, run_cli
 from core.errors import OhLoRAError
-from data.sft import PromptTemplate
-from chat.memory import MemoryStore, load_memory_encoder
-from bert.bases import TRAINED_DIR
 from data.memory_items import ITEM_PATTERN, extract_memory_items, strip_memory_items
-import infer.sampler
+from data.sft import PromptTemplate
 from infer.prefix_cache import PrefixCache
 from infer.sampler import SamplingConfig, generate
+from lora.io import adapter_base_model
 
 DEFAULT_BASE = Path("runs/sft/base")
 DEFAULT_ADAPTER = Path("runs/sft/best")
@@ -114,21 +114,22 @@ class ItemFilter:
 
 
 class ChatSession:
-    """Model + tokenizer + memory. `reply(message)` runs one turn; `generate_fn` is the sampler (swappable so
-    tests can force an exact answer). The real sampler gets the session's `PrefixCache`: a turn prefills only
-    the tokens after the prefix it shares with the previous turn's prompt + answer (and a retry of an empty
-    answer only the prompt's last token)."""
+    """Model + tokenizer + memory. `reply(message)` runs one turn; `generate_fn` is the sampler, called as
+    infer.sampler.generate is (default: it). It gets the session's `PrefixCache`: a turn prefills only the tokens
+    after the prefix it shares with the previous turn's prompt + answer (and a retry of an empty answer only the
+    prompt's last token); `reuse_prefix=False` prefills every turn in full."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, config: SamplingConfig | None = None,
                  memory: MemoryStore | None = None, *, use_memory_search: bool = True,
-                 template: PromptTemplate | None = None, generate_fn: Callable | None = None):
+                 template: PromptTemplate | None = None, generate_fn: Callable | None = None,
+                 reuse_prefix: bool = True):
         self.model, self.tokenizer = model, tokenizer
         self.config = config or SamplingConfig()
         self.memory = memory
         self.use_memory_search = use_memory_search and memory is not None
         self.template = template or PromptTemplate()
         self.generate_fn = generate_fn
-        self.prefix_cache = PrefixCache()
+        self.prefix_cache = PrefixCache() if reuse_prefix else None
 
     def reply(self, message: str, stream: Callable[[str], None] | None = None) -> ChatReply:
         message = " ".join((message or "").split())
@@ -138,9 +139,9 @@ class ChatSession:
         prompt = self.template.prompt(user_text)
         item_filter = ItemFilter(stream) if stream is not None else None
         on_piece = (lambda _row, piece: item_filter.feed(piece)) if item_filter is not None else None
-        generate_fn = self.generate_fn or generate   # looked up at call time (tests patch chat.cli.generate)
-        extra = {"prefix_cache": self.prefix_cache} if generate_fn is infer.sampler.generate else {}
-        raw = generate_fn(self.model, self.tokenizer, [prompt], self.config, stream=on_piece, **extra)[0]
+        generate_fn = self.generate_fn or generate   # the module's sampler, looked up at call time
+        raw = generate_fn(self.model, self.tokenizer, [prompt], self.config, stream=on_piece,
+                          prefix_cache=self.prefix_cache)[0]
         if item_filter is not None:
             item_filter.close()
         stored = []
@@ -169,11 +170,7 @@ def resolve_model_dirs(model: str | Path | None, adapter: str | Path | None) -> 
             raise ChatError(f"{DEFAULT_ADAPTER}: no trained adapter found — run `python -m train.sft` first "
                             "(it saves the bundled default model and its adapter), or pass --model DIR --adapter DIR")
         raise ChatError(f"{adapter}: no adapter_config.json (not a LoRA adapter folder)")
-    try:
-        named = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get(
-            "base_model_name_or_path")
-    except (json.JSONDecodeError, AttributeError):
-        named = None
+    named = adapter_base_model(adapter)  # a malformed adapter_config.json is an error, not "no base"
     if named and (Path(named).is_file() or (Path(named) / "config.json").is_file()):
         return Path(named), adapter
     if (DEFAULT_BASE / "config.json").is_file():
@@ -189,8 +186,8 @@ def load_chat_model(model_path: Path, adapter_dir: Path | None, dtype: torch.dty
 
     With `pack` (CPU), linear weights are pre-packed for oneDNN (core.onednn): faster decoding, same
     numbers (bitwise in bf16); the model is then inference-only."""
-    from lora import load_adapter, merge_lora
     from infer.models import load_causal_lm
+    from lora import load_adapter, merge_lora
 
     model, tokenizer = load_causal_lm(model_path, dtype=dtype)
     if adapter_dir is not None:

@@ -23,12 +23,13 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from core.atomic import atomic_write_dir
-from core.cli import Parser, check_dir, check_output_dir, check_output_file, run_cli
+from core.cli import Parser, add_config_flags, config_from_args, flag, run_cli
 from core.errors import OhLoRAError
 from core.registry import families
 from infer.models import ModelSource, check_model_path, inspect_model, load_base_model, load_causal_lm
@@ -48,13 +49,12 @@ def base_path(adapter: str | Path, model: str | None) -> Path:
     """--model, or the base the adapter records (adapter_config.json base_model_name_or_path)."""
     if model:
         return Path(model)
-    from core.jsonio import read_json
-    from lora.io import CONFIG_NAME, AdapterError
+    from lora.io import CONFIG_NAME, adapter_base_model
 
     config_path = Path(adapter) / CONFIG_NAME
     if not config_path.is_file():
         raise ExportError(f"{config_path}: not found (is --adapter {adapter} an adapter folder?)")
-    recorded = read_json(config_path, AdapterError).get("base_model_name_or_path")
+    recorded = adapter_base_model(adapter)
     if not recorded:
         raise ExportError(f"{config_path}: no base_model_name_or_path recorded; pass --model PATH")
     if not Path(recorded).exists():
@@ -108,20 +108,28 @@ def export_gguf(model, source: ModelSource, out: str | Path, kind: str = "f16") 
                                      source.gguf if source.format == "gguf" else None)
 
 
+@dataclass
+class ExportOptions:
+    """`python -m chat.export` flags (core.cli): one of --hf / --gguf is required."""
+    adapter: str = flag(None, kind="dir", required=True, metavar="DIR",
+                        help="the LoRA adapter folder (adapter_config.json + adapter_model.safetensors)")
+    model: str | None = flag(None, parse=check_model_path, metavar="PATH",
+                             help="base model: a .gguf file or an HF folder (default: the adapter's "
+                                  "base_model_name_or_path)")
+    hf: str | None = flag(None, kind="output_dir", metavar="OUT_DIR", exclusive="output", required=True,
+                          help="write an HF model folder")
+    gguf: str | None = flag(None, kind="output_file", metavar="OUT.gguf", exclusive="output", required=True,
+                            help="write a GGUF file (Gemma only)")
+    type: str | None = flag(None, choices=GGUF_TYPES,
+                            help="with --gguf: tensor type of the 2-D weights, norms stay F32 (default: f16)")
+    dtype: str | None = flag(None, choices=tuple(sorted(DTYPES)), help="with --hf: weights dtype (default: fp32)")
+
+
 @run_cli  # ExportError / AdapterError / ModelPathError / GGUFError (OhLoRAError) and OSError -> one line, exit 2
 def main(argv: list[str] | None = None) -> int:
     ap = Parser(prog="python -m chat.export", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--adapter", type=check_dir, required=True, metavar="DIR",
-                    help="the LoRA adapter folder (adapter_config.json + adapter_model.safetensors)")
-    ap.add_argument("--model", type=check_model_path, default=None, metavar="PATH",
-                    help="base model: a .gguf file or an HF folder (default: the adapter's base_model_name_or_path)")
-    out = ap.add_mutually_exclusive_group(required=True)
-    out.add_argument("--hf", type=check_output_dir, metavar="OUT_DIR", help="write an HF model folder")
-    out.add_argument("--gguf", type=check_output_file, metavar="OUT.gguf", help="write a GGUF file (Gemma only)")
-    ap.add_argument("--type", choices=GGUF_TYPES, default=None,
-                    help="with --gguf: tensor type of the 2-D weights, norms stay F32 (default: f16)")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="with --hf: weights dtype (default: fp32)")
-    args = ap.parse_args(argv)
+    add_config_flags(ap, ExportOptions)
+    args = config_from_args(ExportOptions, ap.parse_args(argv))
     if args.hf and args.type:
         ap.error("--type: sets the GGUF tensor type; with --hf use --dtype fp32|bf16")
     if args.gguf and args.dtype:

@@ -1,6 +1,7 @@
 """The chatbot's memory: stored `[key: value]` items, the one most similar to the user's message is prepended.
 
-    best = argmax_i cos(E_passage(item_i), E_query(message));  prompt = f"{item_best} {message}" if cos >= t else message
+    best = argmax_i cos(E_passage(item_i), E_query(message))
+    prompt = f"{item_best} {message}" if cos >= t else message
 
 t is the threshold calibrated for the model and saved in its folder (ohlora_memory.json, written by
 `python -m sbert.train`), else the original's 0.6; an explicit `threshold=` / `--threshold` wins. The message
@@ -26,10 +27,11 @@ from typing import Protocol
 
 import numpy as np
 
+from bert.bases import TRAINED_DIR, default_model_dir
 from core.atomic import atomic_write_text
 from core.cli import COSINE, COUNT, Parser, add_config_flags, config_from_args, flag, run_cli
+from core.jsonio import read_text
 from data.memory_items import MemoryFormatError, clean_text, format_item, parse_item
-from bert.bases import TRAINED_DIR, default_model_dir
 
 DEFAULT_THRESHOLD = 0.6
 EXAMPLE_ITEMS = ["[오늘 일정: 친구랑 카페 방문]", "[좋아하는 음식: 떡볶이]", "[좋아하는 가수: 아이유]",
@@ -95,10 +97,7 @@ class MemoryStore:
             if missing_ok:
                 return cls(path=path, encoder=encoder, threshold=threshold)
             raise FileNotFoundError(f"{path}: memory store not found")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise MemoryFormatError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+        text = read_text(path, MemoryFormatError)
         store = cls(path=path, encoder=encoder, threshold=threshold)
         if path.suffix.lower() == ".json":
             try:

@@ -2,6 +2,8 @@
 
     atomic          temp-name-then-rename writes of files and folders (+ crash recovery of folder swaps)
     safetensors_io  plain-read safetensors files, model-folder weight files, the strict key/shape check
+    model_folder    an HF model folder of any family's causal LM: load (checked, lean) and save (atomic)
+    causal_lm       the causal-LM contract (CausalLM) and what the families share (DecoderLM, DecoderBody)
     registry        the model-family registry: each family package exports one `Family`; the layers above
                     look families up here and never import one
     tokenizer       the tokenizer wrapper every family shares (HF folders; Gemma builds it from a GGUF)
@@ -10,6 +12,7 @@
     rotary          rotary position tables (with HF's rope scalings) and rotate-half application
     masks           boolean SDPA masks for causal / padded / sliding-window attention
     dtypes          dtype names for flags and config files
+    jsonio          UTF-8 text and JSON files read with one-line errors naming the file (and the line)
     onednn          the oneDNN pre-packed linear (CPU inference) and its per-dtype availability check
     errors          OhLoRAError, the base of every package's own error class (what CLIs print in one line)
     cli             one argparse vocabulary from dataclass configs and the `error: <flag or file>: <problem>` exit 2

@@ -1,10 +1,12 @@
-"""The causal-LM contract: what train/ (loss, loop, sampler, chat, LoRA presets, FSDP, benches) may rely on.
+"""The causal-LM contract: what infer/ (sampler), train/ (loss, loop, LoRA presets, FSDP), chat and the benches
+may rely on.
 
 Every model family (gptneox/, gemma/) follows it; nothing above the model layer probes for family attributes
 such as `gpt_neox` or `embed_out`.
 
     h = model.hidden_states(input_ids, attention_mask, position_ids, cache)   (B, T, H) after the final norm
     z = model.logits(h)                                                       (..., V)  LM head (+ soft-cap)
+    model.head                        the output Linear (H -> V) that `logits` applies (the loss fuses it)
     model.logit_softcap               cap, when z = cap · tanh(head(h) / cap) (Gemma 2), else None
     z = model(input_ids, attention_mask, position_ids, cache)                 = logits(hidden_states(...))
     cache = model.new_cache()                                                 filled in place by forward
@@ -20,13 +22,13 @@ tokens before each position, so left padding decodes as HF's generate does.
 """
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from core.kv_cache import KVCache
-
 
 
 def check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
@@ -49,6 +51,7 @@ def check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, p
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
     return past, position_ids
 
+
 @runtime_checkable
 class CausalLM(Protocol):
     config: Any
@@ -60,6 +63,12 @@ class CausalLM(Protocol):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
+    @property
+    def head(self) -> nn.Module: ...
+
+    @property
+    def logit_softcap(self) -> float | None: ...
+
     def new_cache(self) -> KVCache: ...
 
     @property
@@ -69,23 +78,76 @@ class CausalLM(Protocol):
     def family(self) -> str: ...
 
 
+class DecoderBody(nn.Module):
+    """What the families' bodies (embeddings + layers + final norm) share: the layer loop, recomputed in
+    backward when `gradient_checkpointing` (training only), and the cache's advance after the last layer."""
+
+    layers: nn.ModuleList
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gradient_checkpointing = False  # recompute each layer in backward (training only)
+
+    def run_layers(self, x: torch.Tensor, layer_inputs: Callable[[int], tuple], cache: KVCache | None
+                   ) -> torch.Tensor:
+        """x (B, T, H) through every layer as `layer(x, *layer_inputs(i), cache, i)`; -> (B, T, H)."""
+        use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
+        for i, layer in enumerate(self.layers):
+            if use_ckpt:
+                x = checkpoint(layer, x, *layer_inputs(i), None, i, use_reentrant=False)
+            else:
+                x = layer(x, *layer_inputs(i), cache, i)
+        if cache is not None:
+            cache.length += x.shape[1]
+        return x
+
+
 class DecoderLM(nn.Module):
     """The plumbing every family's `…ForCausalLM` shares, so the family file holds only its own math.
 
     A subclass sets `BODY` (the attribute holding embeddings + layers + final norm, e.g. "gpt_neox" or "model"),
     `HEAD` (the output Linear, "embed_out" / "lm_head"), `EMBEDDING` (the input table's path, tied to the head
-    when `config.tie_word_embeddings`) and `LORA_TARGETS`. `config.final_logit_softcapping` (Gemma 2), when set,
-    soft-caps the logits."""
+    when `config.tie_word_embeddings`) and `LORA_TARGETS`, and calls `super().__init__(config, body)`: the head
+    is made here, tied, and initialised (HF's normal(0, 0.02); norms by their own reset_parameters) unless the
+    model is built on the meta device. `config.final_logit_softcapping` (Gemma 2), when set, soft-caps the
+    logits."""
 
     BODY: str
     HEAD: str
     EMBEDDING: str
     LORA_TARGETS: tuple[str, ...] = ()
 
+    def __init__(self, config: Any, body: nn.Module):
+        super().__init__()
+        self.config = config
+        setattr(self, self.BODY, body)
+        setattr(self, self.HEAD, nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+        self.tie_weights()
+        if self.head.weight.device.type != "meta":
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """HF's initialisation: normal(0, std) Linear and Embedding weights, zero biases; every other module with
+        parameters (the norms) by its own `reset_parameters`."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif module is not self and hasattr(module, "reset_parameters") and \
+                    any(True for _ in module.parameters(recurse=False)):
+                module.reset_parameters()
+
+    @property
+    def head(self) -> nn.Module:
+        """The output Linear (H -> V), whatever the family calls it."""
+        return getattr(self, self.HEAD)
+
     def tie_weights(self) -> None:
         """With tie_word_embeddings the output projection is the input embedding matrix (one Parameter)."""
         if self.config.tie_word_embeddings:
-            getattr(self, self.HEAD).weight = self.get_submodule(self.EMBEDDING).weight
+            self.head.weight = self.get_submodule(self.EMBEDDING).weight
 
     def _apply(self, fn, recurse=True):
         # .to()/.to_empty()/.half() visit the shared Parameter once per owner and may give each owner its own
@@ -112,7 +174,7 @@ class DecoderLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., H) -> (..., V), soft-capped (cap · tanh(z / cap)) when the family does."""
-        z = getattr(self, self.HEAD)(hidden)
+        z = self.head(hidden)
         cap = self.logit_softcap
         return z if cap is None else torch.tanh(z / cap) * cap
 
@@ -139,8 +201,8 @@ class DecoderLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return getattr(self, self.HEAD).weight.device
+        return self.head.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return getattr(self, self.HEAD).weight.dtype
+        return self.head.weight.dtype

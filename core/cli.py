@@ -11,14 +11,30 @@ The vocabulary (README "Command-line flags"): `--model` the model to load or fin
 `--data`, `--output-dir`, `--memory-store`, `--memory-model`, `--max-length`, `--threads`, `--device`,
 `--dtype {auto,fp32,bf16}`, `--seed`, `--batch-size`, `--epochs`, `--max-steps`, `--lr`.
 
-Adopting it in a new CLI (e.g. a converter):
+One pattern for every command: its flags are the `flag()` fields of dataclasses, added with `add_config_flags`
+and read back with `config_from_args`; nothing is declared with `add_argument` by hand. **Adding a flag = adding
+one dataclass field with flag() metadata** to the config that owns the setting (train.sft's own flags:
+`train.sft.SFTOptions`; the loop's: `train.loop.LoopConfig`; the adapter's: `lora.LoRAConfig`, shown with
+`prefix="lora_"`; sampling: `infer.sampler.SamplingConfig`; S-BERT training: `sbert.train.TrainConfig`), e.g.
+
+    variant: str = flag("lora", choices=("lora", "dora"), help="adapter kind")   # in LoRAConfig: --lora-variant
+    quantize_base: bool = flag(False, help="4-bit base weights")                 # in SFTOptions: --quantize-base
+
+and the value reaches the command's config through `config_from_args` (train.sft builds its LoRAConfig with
+`config_from_args(LoRAConfig, args, prefix="lora_")`). tests/test_cli_flags.py records every command's flags:
+regenerate its record (`python -m tests.test_cli_flags`) with a new flag and review the diff.
+
+A field declared without flag() gets no flag. Presets are data: dicts of field values applied to what the user
+did not give (train.sft's ORIGINAL / TINY_DEMO / GEMMA_DEMO; `dataclasses.replace(cfg, **preset)` on a config).
+
+A new CLI (e.g. a converter):
 
     from dataclasses import dataclass
     from core.cli import COUNT, Parser, add_config_flags, config_from_args, flag, run_cli
 
     @dataclass
     class ConvertConfig:
-        model: str = flag(None, help="source .gguf file", kind="file", required=True)
+        model: str = flag(None, help="source .gguf file", kind="file", positional=True)
         output_dir: str = flag(None, help="HF folder to write", kind="output_dir", required=True)
         dtype: str = flag("fp32", help="weights dtype written", choices=("fp32", "bf16"))
         threads: int | None = flag(None, help="CPU threads", range=COUNT)
@@ -26,16 +42,21 @@ Adopting it in a new CLI (e.g. a converter):
     @run_cli                                        # OhLoRAError / OSError -> one line, exit 2; --debug
     def main(argv: list[str] | None = None) -> int:
         p = Parser(prog="python -m gemma.convert", description=__doc__.split("\n\n")[0])
-        add_config_flags(p, ConvertConfig)          # --model, --output-dir, --dtype, --threads (+ --debug)
+        add_config_flags(p, ConvertConfig)          # MODEL, --output-dir, --dtype, --threads (+ --debug)
         cfg = config_from_args(ConvertConfig, p.parse_args(argv))
         ...                                         # raise your package's error (an OhLoRAError) naming the file
         return 0
 
-A config you cannot annotate (another owner's, or one with other names) takes `overrides={"field": {...}}` with
-the same keys as `flag()`; `exclude=` / `only=` pick fields. Ranges are interval strings: COUNT "[1, inf)",
-NONNEG "[0, inf)", POSITIVE "(0, inf)", RATIO "[0, 1]", COSINE "[-1, 1]". `kind=` checks a path or device at
-parse time: "output_dir" (not a file, not under one), "output_file" (not a folder), "dir" / "file" (must exist),
-"device" (known and present: `--device cuda` on a CPU build is a clean error).
+`flag()` keys: `help`, `range` (interval strings: COUNT "[1, inf)", NONNEG "[0, inf)", POSITIVE "(0, inf)",
+RATIO "[0, 1]", COSINE "[-1, 1]"), `choices`, `flag` (the name, default `--kebab-field`), `aliases` (deprecated
+spellings, accepted with a note), `kind` (a path or device checked at parse time: "output_dir" (not a file, not
+under one), "output_file" (not a folder), "dir" / "file" / "path" (must exist), "device" (known and present:
+`--device cuda` on a CPU build is a clean error)), `parse` (the caller's own argparse `type=`, e.g.
+infer.models.check_model_path), `metavar`, `required`, `positional`, `exclusive` (a mutually exclusive group's
+name) and `dest`. A command showing another owner's config may override a field's `default` and `help` only
+(`overrides={"epochs": {"default": None, "help": "default 3 (8 for the tiny default)"}}`: its presets' words);
+`only=` / `exclude=` pick fields; `argparse_metavars=True` keeps argparse's own placeholders (`--batch-size
+BATCH_SIZE`) where a command's help has always shown them.
 """
 from __future__ import annotations
 
@@ -54,18 +75,25 @@ from core.errors import OhLoRAError
 
 COUNT, NONNEG, POSITIVE, RATIO, COSINE = "[1, inf)", "[0, inf)", "(0, inf)", "[0, 1]", "[-1, 1]"
 DTYPE_CHOICES = ("auto", "fp32", "bf16")
-_META_KEYS = {"help", "range", "choices", "flag", "aliases", "kind", "metavar", "required", "default"}
+_META_KEYS = {"help", "range", "choices", "flag", "aliases", "kind", "metavar", "required", "default", "parse",
+              "positional", "exclusive", "dest"}
 
 
 # ------------------------------------------------------------------------------------------- field metadata
 def flag(default: Any = dataclasses.MISSING, *, help: str = "", range: str | None = None,
          choices: tuple | None = None, flag: str | None = None, aliases: tuple[str, ...] = (),
-         kind: str | None = None, metavar: str | None = None, required: bool = False) -> Any:
+         kind: str | None = None, metavar: str | None = None, required: bool = False,
+         parse: Callable[[str], Any] | None = None, positional: bool = False, exclusive: str | None = None,
+         dest: str | None = None) -> Any:
     """A dataclass field carrying its CLI metadata: `lr: float = flag(2e-4, help="peak lr", range=POSITIVE)`.
 
-    `flag` replaces the default `--kebab-name`; `aliases` are deprecated spellings still accepted (with a note)."""
+    `flag` replaces the default `--kebab-name`; `aliases` are deprecated spellings still accepted (with a note);
+    `parse` an argparse `type=` of the caller's (e.g. infer.models.check_model_path) where `kind` has none;
+    `positional` an argument without dashes; `exclusive` names a mutually exclusive group (required when any
+    member says `required`); `dest` the attribute the parsed value lands in (default: prefix + field name)."""
     meta = {"help": help, "range": range, "choices": choices, "flag": flag, "aliases": tuple(aliases),
-            "kind": kind, "metavar": metavar, "required": required}
+            "kind": kind, "metavar": metavar, "required": required, "parse": parse, "positional": positional,
+            "exclusive": exclusive, "dest": dest}
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -182,8 +210,8 @@ def check_device(text: str) -> str:
     return text
 
 
-_METAVARS = {"output_dir": "DIR", "dir": "DIR", "file": "FILE", "path": "PATH", "output_file": "FILE", "device": "DEVICE",
-             int: "N", float: "X", str: None}
+_METAVARS = {"output_dir": "DIR", "dir": "DIR", "file": "FILE", "path": "PATH", "output_file": "FILE",
+             "device": "DEVICE", int: "N", float: "X", str: None}
 KINDS: dict[str, Callable[[str], str]] = {"output_dir": check_output_dir, "output_file": check_output_file,
                                           "dir": check_dir, "file": check_file, "path": check_path,
                                           "device": check_device}
@@ -264,11 +292,13 @@ class Parser(argparse.ArgumentParser):
 
 
 def _field_type(hint: Any) -> tuple[Any, bool]:
-    """(base type, is_sequence) of an annotation: `int | None` -> (int, False), `tuple[str, ...]` -> (str, True)."""
+    """(base type, is_sequence) of an annotation: `int | None` -> (int, False), `tuple[str, ...]` -> (str, True),
+    `list[str] | str` -> (str, True) (a flag takes the list form)."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         rest = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _field_type(rest[0]) if len(rest) == 1 else (str, False)
+        listed = [a for a in rest if typing.get_origin(a) in (list, tuple)]
+        return _field_type(rest[0] if len(rest) == 1 else listed[0]) if len(rest) == 1 or listed else (str, False)
     if origin in (list, tuple):
         inner = typing.get_args(hint)
         return (inner[0] if inner else str), True
@@ -277,15 +307,27 @@ def _field_type(hint: Any) -> tuple[Any, bool]:
     return hint, False
 
 
+def _dest(f: dataclasses.Field, prefix: str) -> str:
+    return f.metadata.get("dest") or prefix + f.name
+
+
 def add_config_flags(parser: argparse.ArgumentParser, config: type, *, only: tuple[str, ...] | None = None,
                      exclude: tuple[str, ...] = (), overrides: dict[str, dict] | None = None,
-                     group: str | None = None) -> list[str]:
-    """Add one flag per field of the dataclass `config` (dest = the field name); returns the dests added."""
+                     group: str | None = None, prefix: str = "", argparse_metavars: bool = False) -> list[str]:
+    """Add one flag per `flag()` field of the dataclass `config` (dest = `prefix` + the field name; a field
+    declared without flag() has none); returns the dests.
+
+    `overrides` ({field: {key: value}}, the keys of `flag()`): a command's own words about another owner's
+    field, in practice its default and the help text that states it. `argparse_metavars`: show argparse's own
+    placeholders (`--batch-size BATCH_SIZE`) instead of the house's N / X / DIR, for commands whose help has
+    always shown them."""
     hints = typing.get_type_hints(config)
     target = parser.add_argument_group(group) if group else parser
+    exclusive: dict[str, argparse._MutuallyExclusiveGroup] = {}
     added = []
     for f in dataclasses.fields(config):
-        if f.name in exclude or (only is not None and f.name not in only) or not f.init:
+        if f.name in exclude or (only is not None and f.name not in only) or not f.init \
+                or not any(k in f.metadata for k in _META_KEYS):   # a field without flag() is no flag
             continue
         meta = {**{k: v for k, v in f.metadata.items() if k in _META_KEYS}, **(overrides or {}).get(f.name, {})}
         unknown = set(meta) - _META_KEYS
@@ -300,14 +342,21 @@ def add_config_flags(parser: argparse.ArgumentParser, config: type, *, only: tup
         else:
             default = None
         base, sequence = _field_type(hints[f.name])
-        names = [meta.get("flag") or "--" + f.name.replace("_", "-"), *meta.get("aliases", ())]
-        kw: dict[str, Any] = {"dest": f.name, "default": default, "help": meta.get("help") or ""}
-        if meta.get("required"):
+        dest = _dest(f, prefix)  # (not overridable: config_from_args maps it back)
+        kw: dict[str, Any] = {"default": default, "help": meta.get("help") or ""}
+        if meta.get("positional"):
+            names = [dest]
+        else:
+            names = [meta.get("flag") or "--" + dest.replace("_", "-"), *meta.get("aliases", ())]
+            kw["dest"] = dest
+        if meta.get("required") and not meta.get("exclusive"):
             kw["required"] = True
         if base is bool:
             kw["action"] = argparse.BooleanOptionalAction if default else "store_true"
         else:
-            if meta.get("kind"):
+            if meta.get("parse"):
+                kw["type"] = meta["parse"]
+            elif meta.get("kind"):
                 kw["type"] = KINDS[meta["kind"]]
             elif base in (int, float):
                 kw["type"] = number(base, meta.get("range"))
@@ -320,22 +369,32 @@ def add_config_flags(parser: argparse.ArgumentParser, config: type, *, only: tup
                 kw["choices"] = tuple(choices)
             if sequence:
                 kw["nargs"] = "+"
-            kw["metavar"] = meta.get("metavar") or _METAVARS.get(meta.get("kind") or base)
-        target.add_argument(*names, **kw)
+            metavar = meta.get("metavar") or (None if argparse_metavars else
+                                              _METAVARS.get(meta.get("kind") or base))
+            if metavar is not None:
+                kw["metavar"] = metavar
+        where = target
+        if meta.get("exclusive"):
+            if meta["exclusive"] not in exclusive:
+                exclusive[meta["exclusive"]] = target.add_mutually_exclusive_group()
+            where = exclusive[meta["exclusive"]]
+            where.required = where.required or bool(meta.get("required"))
+        where.add_argument(*names, **kw)
         if isinstance(parser, Parser):
             for alias in names[1:]:
                 parser.add_alias_note(alias, names[0])
-        added.append(f.name)
+        added.append(dest)
     return added
 
 
-def config_from_args(config: type, args: argparse.Namespace, **changes: Any) -> Any:
-    """The dataclass `config` from the parsed flags (fields without a flag keep their defaults)."""
+def config_from_args(config: type, args: argparse.Namespace, *, prefix: str = "", **changes: Any) -> Any:
+    """The dataclass `config` from the parsed flags (fields without flag() keep their defaults, whatever else
+    the namespace holds); `prefix` as given to add_config_flags."""
     hints = typing.get_type_hints(config)
     values = {}
     for f in dataclasses.fields(config):
-        if f.init and hasattr(args, f.name):
-            value = getattr(args, f.name)
+        if f.init and any(k in f.metadata for k in _META_KEYS) and hasattr(args, _dest(f, prefix)):
+            value = getattr(args, _dest(f, prefix))
             if isinstance(value, list) and typing.get_origin(_strip_optional(hints[f.name])) is tuple:
                 value = tuple(value)
             values[f.name] = value

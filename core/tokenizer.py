@@ -5,7 +5,8 @@ It lives in core/ because the families build it (gemma/: from a GGUF's metadata)
 uses it (infer/ loads it for any HF folder, data/ encodes with its interface, train/ and chat/ through infer/).
 
 Special tokens come from `tokenizer_config.json`, overridden by `special_tokens_map.json` as transformers does
-(values may be a string or a dict with "content"); eos defaults to `<|endoftext|>` when the vocabulary has it, and pad defaults to eos.
+(values may be a string or a dict with "content"); eos defaults to `<|endoftext|>` when the vocabulary has it,
+and pad defaults to eos.
 Ids equal `transformers.PreTrainedTokenizerFast(tokenizer_file=...)`'s for the same file.
 """
 from __future__ import annotations

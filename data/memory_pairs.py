@@ -29,8 +29,9 @@ from pathlib import Path
 import pandas as pd
 
 from core.atomic import atomic_write_file
-from core.cli import Parser, check_file, check_output_file, run_cli
+from core.cli import Parser, add_config_flags, config_from_args, flag, run_cli
 from core.errors import OhLoRAError
+from core.jsonio import read_text
 
 COLUMNS = ("memory_0", "user_prompt_1", "similarity_score")
 # Keys that name the same topic; each key of a group is scored as the group's first (canonical) key.
@@ -104,12 +105,7 @@ def read_combinations(path: str | os.PathLike) -> list[MemoryLine]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such combination file")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line_no = raw[: err.start].count(b"\n") + 1
-        raise CombinationFileError(f"{path}:{line_no}: not valid UTF-8 (byte offset {err.start})") from None
+    text = read_text(path, CombinationFileError, bom=True)
     lines = [parse_line(line, str(path), i) for i, line in enumerate(text.splitlines(), start=1) if line.strip()]
     if not lines:
         raise CombinationFileError(f"{path}: no combination lines")
@@ -134,15 +130,22 @@ def generate(combs_path: str | os.PathLike, out_csv: str | os.PathLike, aliases:
     return df
 
 
+@dataclass
+class PairsOptions:
+    """`python -m data.memory_pairs` arguments (core.cli)."""
+    combs: str = flag(None, positional=True, kind="file",
+                      help="combination file: one '[key: value] message' per line")
+    out_csv: str = flag(None, positional=True, kind="output_file",
+                        help="output CSV (memory_0, user_prompt_1, similarity_score), written atomically")
+    aliases: str = flag("extended", choices=tuple(ALIAS_RULES),
+                        help="key synonym rule: extended (documented groups) or original (idol = singer only)")
+
+
 @run_cli
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="python -m data.memory_pairs", description=__doc__.split("\n\n")[0])
-    parser.add_argument("combs", type=check_file, help="combination file: one '[key: value] message' per line")
-    parser.add_argument("out_csv", type=check_output_file,
-                        help="output CSV (memory_0, user_prompt_1, similarity_score), written atomically")
-    parser.add_argument("--aliases", choices=tuple(ALIAS_RULES), default="extended",
-                        help="key synonym rule: extended (documented groups) or original (idol = singer only)")
-    args = parser.parse_args(argv)
+    add_config_flags(parser, PairsOptions, argparse_metavars=True)
+    args = config_from_args(PairsOptions, parser.parse_args(argv))
     df = generate(args.combs, args.out_csv, args.aliases)
     n = int(round(len(df) ** 0.5))
     exact = int((df["similarity_score"] == 1.0).sum())

@@ -29,6 +29,7 @@ from typing import Protocol, Sequence
 import torch
 
 from core.errors import OhLoRAError
+from core.jsonio import read_text
 
 IGNORE_INDEX = -100
 SPLIT_COLUMNS = ("split", "data_type")  # ours, then the original's
@@ -105,10 +106,7 @@ def load_sft_csv(path: str | os.PathLike, input_column: str = "input_data", outp
     path = Path(path)
     if not path.is_file():
         raise SFTDataError(f"{path}: SFT data file not found")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise SFTDataError(f"{path}: not valid UTF-8 (byte {e.start}): save the CSV as UTF-8") from None
+    text = read_text(path, SFTDataError, bom=True)
     if not text.strip():
         raise SFTDataError(f"{path}: the file is empty")
     try:

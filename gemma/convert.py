@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from core.cli import Parser, check_file, check_output_dir, run_cli
+from core.cli import Parser, add_config_flags, config_from_args, flag, run_cli
 
 from .gguf_io import GGUFFile
 from .load import load_gguf, save_pretrained
@@ -32,15 +33,21 @@ def convert(gguf: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.fl
     return save_pretrained(model, out_dir, extra_files=files)
 
 
+@dataclass
+class ConvertOptions:
+    """`python -m gemma.convert` arguments (core.cli)."""
+    gguf: str = flag(None, positional=True, kind="file", metavar="FILE.gguf", help="a Gemma-2 / Gemma-3 .gguf file")
+    out_dir: str = flag(None, positional=True, kind="output_dir", metavar="OUT_DIR",
+                        help="HF folder to write (files replaced atomically if it exists)")
+    dtype: str = flag("fp32", choices=tuple(sorted(DTYPES)),
+                      help="weights dtype (fp32: the dequantised values exactly)")
+
+
 @run_cli  # GGUFError / ConfigError (OhLoRAError) and OSError -> `error: <file>: <problem>`, exit 2
 def main(argv: list[str] | None = None) -> int:
     ap = Parser(prog="python -m gemma.convert", description=__doc__.split("\n\n")[0])
-    ap.add_argument("gguf", type=check_file, metavar="FILE.gguf", help="a Gemma-2 / Gemma-3 .gguf file")
-    ap.add_argument("out_dir", type=check_output_dir, metavar="OUT_DIR",
-                    help="HF folder to write (files replaced atomically if it exists)")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
-                    help="weights dtype (fp32: the dequantised values exactly)")
-    args = ap.parse_args(argv)
+    add_config_flags(ap, ConvertOptions, argparse_metavars=True)
+    args = config_from_args(ConvertOptions, ap.parse_args(argv))
     t0 = time.perf_counter()
     folder = convert(args.gguf, args.out_dir, DTYPES[args.dtype])
     print(f"wrote {folder} ({args.dtype}) from {args.gguf} in {time.perf_counter() - t0:.1f} s")

@@ -8,20 +8,18 @@ Gemma-3 folders load their language model (`language_model.model.*` in 4.x files
 5.x ones); the vision tower is skipped.
 
 Both paths build the module on the meta device, check every name and shape before reading data, read tensor by
-tensor in the target dtype (core.safetensors_io / gguf_io) and assign (`load_state_dict(assign=True)`).
+tensor in the target dtype (core.model_folder / gguf_io) and assign (`load_state_dict(assign=True)`).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 
 import torch
 
-from core.dtypes import dtype_name
-from core.safetensors_io import (CheckpointError, SafetensorsFile, assign_state, match_keys, read_state,
-                                 save_folder, weight_files)
+from core.model_folder import expected_state, load_model_folder, save_model_folder
+from core.safetensors_io import CheckpointError, assign_state
 
 from .config import GemmaConfig
 from .gguf_io import GGUFFile
@@ -31,13 +29,7 @@ from .model import GemmaForCausalLM
 IGNORED_KEY = re.compile(r"(^|\.)(rotary_emb\.\w*inv_freq|embed_scale)$|(^|\.)(vision_tower|multi_modal_projector)\.")
 MULTIMODAL_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
                        ("language_model.lm_head.", "lm_head."))
-__all__ = ["CheckpointError", "load_model", "load_gguf", "load_pretrained", "save_pretrained", "expected_shapes"]
-
-
-def expected_shapes(config: GemmaConfig) -> dict[str, tuple[int, ...]]:
-    """Checkpoint key -> shape for `config` (built on the meta device: nothing allocated)."""
-    with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in GemmaForCausalLM(config).state_dict().items()}
+__all__ = ["CheckpointError", "load_model", "load_gguf", "load_pretrained", "save_pretrained"]
 
 
 def _text_key(key: str) -> str:
@@ -51,15 +43,8 @@ def load_model(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", config: GemmaConfig | None = None) -> GemmaForCausalLM:
     """GemmaForCausalLM from an HF folder (config.json + model.safetensors or shards), eval mode, in `dtype`.
     `config`: the folder's config when the caller has read it already."""
-    folder = Path(folder)
-    files = [SafetensorsFile(path) for path in weight_files(folder)]
-    config = config or GemmaConfig.from_json(folder / "config.json")
-    with torch.device("meta"):
-        model = GemmaForCausalLM(config)
-    optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    found = match_keys(files, expected_shapes(config), folder, ignored=IGNORED_KEY, optional=optional,
-                       rename=_text_key)
-    return assign_state(model, read_state(found, dtype, device), folder)
+    return load_model_folder(GemmaForCausalLM, config or (lambda: GemmaConfig.from_json(Path(folder))), folder,
+                             dtype, device, ignored=IGNORED_KEY, rename=_text_key)
 
 
 def load_gguf(path: str | os.PathLike | GGUFFile, dtype: torch.dtype = torch.float32,
@@ -69,10 +54,10 @@ def load_gguf(path: str | os.PathLike | GGUFFile, dtype: torch.dtype = torch.flo
     `path` may be an already opened GGUFFile (opening parses the whole vocabulary: share it with the tokenizer)."""
     f = path if isinstance(path, GGUFFile) else GGUFFile.open(path)
     config = f.config()
+    expected, tied = expected_state(GemmaForCausalLM, config)
+    state = f.read_state(dtype, expected, tied)
     with torch.device("meta"):
         model = GemmaForCausalLM(config)
-    optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    state = f.read_state(dtype, expected_shapes(config), optional)
     return assign_state(model, {k: v.to(device) for k, v in state.items()}, f.path)
 
 
@@ -88,17 +73,4 @@ def save_pretrained(model: GemmaForCausalLM, folder: str | os.PathLike, max_shar
     plus `extra_files` (name -> text, e.g. the tokenizer's). transformers' Gemma2ForCausalLM / Gemma3ForCausalLM
     load the result. Atomic: a new folder appears only when complete; in an existing one each file is replaced
     atomically (core.safetensors_io.save_folder)."""
-    folder = Path(folder)
-    config = model.config
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    unexpected = [k for k in state if k not in expected_shapes(config)]
-    if unexpected:
-        raise CheckpointError(f"{folder}: model has parameters that are not Gemma weights "
-                              f"(merge or remove adapters first): {', '.join(unexpected[:8])}"
-                              + (" ..." if len(unexpected) > 8 else ""))
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)  # one matrix, stored once as embed_tokens (as HF does)
-    texts = {"config.json": json.dumps(config.to_hf_dict(dtype=dtype_name(model.dtype)), indent=2,
-                                       ensure_ascii=False) + "\n"}
-    texts.update(extra_files or {})
-    return save_folder(state, folder, texts, max_shard_size)
+    return save_model_folder(model, folder, "Gemma", max_shard_size, extra_files)

@@ -20,9 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from core.causal_lm import DecoderLM, check_inputs
+from core.causal_lm import DecoderBody, DecoderLM, check_inputs
 from core.kv_cache import KVCache
 from core.masks import attention_mask_for_sdpa
 from core.rotary import RotaryEmbedding, apply_rotary
@@ -72,6 +71,10 @@ class GemmaRMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.weight.zero_()  # a scale of 1 + 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _RMSNormFunction.apply(x, self.weight, self.eps)
@@ -162,7 +165,7 @@ class GemmaDecoderLayer(nn.Module):
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
-class GemmaModel(nn.Module):
+class GemmaModel(DecoderBody):
     """Scaled embeddings + layers + final norm; returns normed hidden states (B, T, H)."""
 
     def __init__(self, config: GemmaConfig):
@@ -174,7 +177,6 @@ class GemmaModel(nn.Module):
         # Gemma 3: local base on sliding layers, global base (+ scaling) on full ones; Gemma 2: one table for all
         self.rotary_global = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling_factor)
         self.rotary_local = RotaryEmbedding(config.head_dim, config.rope_local_base_freq)
-        self.gradient_checkpointing = False  # recompute each layer in backward (training only)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
@@ -195,37 +197,16 @@ class GemmaModel(nn.Module):
             sub = attention_mask[:, start:] if attention_mask is not None else None
             masks["sliding_attention"] = (*attention_mask_for_sdpa(sub, T, past - start, x.device,
                                                                    self.config.sliding_window), start)
-        use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for i, layer in enumerate(self.layers):
-            kind = self.config.layer_types[i]
-            (cos, sin), (mask, is_causal, start) = tables[kind], masks[kind]
-            if use_ckpt and cache is None:
-                x = checkpoint(layer, x, cos, sin, mask, is_causal, start, None, i, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, is_causal, start, cache, i)
-        if cache is not None:
-            cache.length += T
+        kinds = self.config.layer_types
+        # each layer gets its kind's (cos, sin) and (mask, is_causal, key start)
+        x = self.run_layers(x, lambda i: (*tables[kinds[i]], *masks[kinds[i]]), cache)
         return self.norm(x)
 
 
 class GemmaForCausalLM(DecoderLM):
+    """Gemma body + LM head tied to the embeddings; init, tying, head, soft-capped logits: core.causal_lm."""
     BODY, HEAD, EMBEDDING = "model", "lm_head", "model.embed_tokens"  # the contract's plumbing: core/causal_lm.py
     LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
     def __init__(self, config: GemmaConfig):
-        super().__init__()
-        self.config = config
-        self.model = GemmaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.tie_weights()
-        if self.lm_head.weight.device.type != "meta":
-            self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self, std: float = 0.02) -> None:
-        """HF's initialisation: normal(0, std) weights; RMSNorm weights 0 (i.e. a scale of 1 + 0)."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.normal_(0.0, std)
-            elif isinstance(module, GemmaRMSNorm):
-                module.weight.zero_()
+        super().__init__(config, GemmaModel(config))

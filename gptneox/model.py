@@ -18,9 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from core.causal_lm import DecoderLM, check_inputs
+from core.causal_lm import DecoderBody, DecoderLM, check_inputs
 from core.kv_cache import KVCache
 from core.masks import attention_mask_for_sdpa
 from core.rotary import RotaryEmbedding, apply_rotary
@@ -95,7 +94,7 @@ class GPTNeoXLayer(nn.Module):
         return self.mlp(self.post_attention_layernorm(x)) + x
 
 
-class GPTNeoXModel(nn.Module):
+class GPTNeoXModel(DecoderBody):
     """Embeddings + layers + final layer norm; returns normed hidden states (B, T, H)."""
 
     def __init__(self, config: GPTNeoXConfig):
@@ -105,7 +104,6 @@ class GPTNeoXModel(nn.Module):
         self.layers = nn.ModuleList(GPTNeoXLayer(config) for _ in range(config.num_hidden_layers))
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.rotary = RotaryEmbedding(config.rotary_ndims, config.rotary_emb_base)
-        self.gradient_checkpointing = False  # recompute each layer in backward (training only)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
@@ -114,39 +112,15 @@ class GPTNeoXModel(nn.Module):
         x = self.embed_in(input_ids)  # (B, T, H)
         cos, sin = self.rotary(position_ids, x.dtype)  # (B, T, 1, 1, rd)
         mask, is_causal = attention_mask_for_sdpa(attention_mask, T, past, x.device)
-        use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for i, layer in enumerate(self.layers):
-            if use_ckpt and cache is None:
-                x = checkpoint(layer, x, cos, sin, mask, is_causal, None, i, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, is_causal, cache, i)
-        if cache is not None:
-            cache.length += T
+        x = self.run_layers(x, lambda i: (cos, sin, mask, is_causal), cache)
         return self.final_layer_norm(x)
 
 
 class GPTNeoXForCausalLM(DecoderLM):
+    """GPT-NeoX body + untied (or tied) output projection; init, tying, head, logits: core.causal_lm.DecoderLM."""
     BODY, HEAD, EMBEDDING = "gpt_neox", "embed_out", "gpt_neox.embed_in"  # the contract's plumbing: core/causal_lm.py
     LORA_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
     family = "gpt_neox"
 
     def __init__(self, config: GPTNeoXConfig):
-        super().__init__()
-        self.config = config
-        self.gpt_neox = GPTNeoXModel(config)
-        self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.tie_weights()
-        if self.embed_out.weight.device.type != "meta":
-            self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self, std: float = 0.02) -> None:
-        """HF's initialisation: normal(0, std) weights, zero biases, LayerNorm 1/0."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.normal_(0.0, std)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-            elif isinstance(module, nn.LayerNorm):
-                module.weight.fill_(1.0)
-                module.bias.zero_()
+        super().__init__(config, GPTNeoXModel(config))

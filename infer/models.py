@@ -6,10 +6,11 @@
     tokenizer = load_tokenizer(source)                       core.tokenizer.Tokenizer, for every family
 
 The family is read from the checkpoint itself — config.json's `model_type`, or a GGUF file's
-`general.architecture` — never from a user flag; no family is named here. A `ModelSource` is read once and
-passed down: its parsed config.json, its config object and its opened GGUF file (whose vocabulary takes seconds
-to parse) are each made once and shared by the model, the tokenizer and export. Every loader accepts a
-ModelSource or a path. What comes back follows the causal-LM contract (core/causal_lm.py).
+`general.architecture` — never from a user flag; no family is named here. A `ModelSource` is read once (a
+`--model` checked by `check_model_path` is handed over to the run's first `inspect_model`) and passed down: its
+parsed config.json, its config object and its opened GGUF file (whose vocabulary takes seconds to parse) are each
+made once and shared by the model, the tokenizer and export. Every loader accepts a ModelSource or a path. What
+comes back follows the causal-LM contract (core/causal_lm.py).
 
 `match_checkpoint` is the strict name/shape check of an HF folder from its headers alone, for loaders that build
 the model themselves (train/fsdp_model.py: on the meta device, then shard by shard).
@@ -28,6 +29,7 @@ import torch
 from core.errors import OhLoRAError
 from core.gguf_header import gguf_architecture, is_gguf
 from core.jsonio import read_json
+from core.model_folder import match_folder
 from core.registry import Family, family_for_gguf_architecture, family_for_model_type, gguf_families, model_types
 from core.tokenizer import Tokenizer
 
@@ -75,10 +77,27 @@ class ModelSource:
         return tuple(self.family.lora_targets)
 
 
+# sources inspected by check_model_path (argparse) for the run's first inspect_model of the same path, so that
+# a --model folder's config.json is parsed once per run: (path text) -> (source, stat of what was read)
+_CHECKED: dict[str, tuple[ModelSource, tuple[int, int]]] = {}
+
+
+def _stat(source: ModelSource) -> tuple[int, int]:
+    st = source.config_path.stat()
+    return st.st_mtime_ns, st.st_size
+
+
 def inspect_model(path: str | os.PathLike | ModelSource) -> ModelSource:
     """Which format and family `path` is, from config.json or a GGUF header; no weights are read."""
     if isinstance(path, ModelSource):
         return path
+    checked = _CHECKED.pop(str(Path(path)), None)
+    if checked is not None:
+        try:
+            if _stat(checked[0]) == checked[1]:  # unchanged since argparse read it
+                return checked[0]
+        except OSError:
+            pass
     path = Path(path)
     if path.is_file():
         if not is_gguf(path):
@@ -116,9 +135,11 @@ def _gguf_family(path: Path) -> Family:
 def check_model_path(text: str) -> str:
     """argparse `type=` for --model: an HF folder of a supported family or a GGUF file."""
     try:
-        inspect_model(text)
+        source = inspect_model(text)
     except ModelPathError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    _CHECKED.clear()  # one run's hand-over at a time
+    _CHECKED[str(Path(text))] = (source, _stat(source))
     return text
 
 
@@ -166,19 +187,10 @@ def _load(source: ModelSource, dtype: torch.dtype, device, with_tokenizer: bool)
 def match_checkpoint(source: ModelSource):
     """(config, {model key: (SafetensorsFile, key in file)}) of an HF folder: every tensor name and shape
     checked against the family's model from the headers alone (as the family's own loader does)."""
-    from core.safetensors_io import SafetensorsFile, match_keys, weight_files
-
     if source.format != "hf":
         command = source.family.gguf_convert_command
         raise ModelPathError(f"{source.path}: needs an HF safetensors folder here, not a GGUF file "
                              + (f"(convert it: {command.format(path=source.path)})" if command else
                                 "(convert it to one first)"))
-    files = [SafetensorsFile(p) for p in weight_files(source.path)]
-    config = source.config
-    with torch.device("meta"):
-        state = source.model_class(config).state_dict(keep_vars=True)
-    # a tied LM head is the embedding's Parameter under a second name: checkpoints store it once
-    first: dict[int, str] = {}
-    tied = {k for k, v in state.items() if first.setdefault(id(v), k) != k}
-    expected = {k: tuple(v.shape) for k, v in state.items()}
-    return config, match_keys(files, expected, source.path, optional=tied, **source.family.key_rules)
+    found = match_folder(source.model_class, source.config, source.path, **source.family.key_rules)
+    return source.config, found

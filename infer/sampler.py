@@ -27,10 +27,11 @@ step, never a re-decode of the whole answer:
 * Streaming holds back the longest tail that could still become a stop string (and trailing whitespace, so the
   concatenated stream equals the returned, stripped answer exactly).
 
-Batch-1 prefix reuse (`infer.prefix_cache.PrefixCache`, what `python -m chat` passes): the KV cache of the previous call is kept
-with the ids it holds (that prompt + its answer but the last token); the next prompt prefills only what follows
-the longest shared token prefix (`KVCache.truncate` drops the rest). Chat turns share little (each turn's
-prompt is one templated message), but a retried empty answer re-prefills only its last prompt token.
+Batch-1 prefix reuse (`infer.prefix_cache.PrefixCache`, what `python -m chat` passes): the KV cache of the
+previous call is kept with the ids it holds (that prompt + its answer but the last token); the next prompt
+prefills only what follows the longest shared token prefix (`KVCache.truncate` drops the rest). Chat turns share
+little (each turn's prompt is one templated message), but a retried empty answer re-prefills only its last prompt
+token.
 
 Processing order matches HF: repetition penalty, then temperature, top-k, top-p; greedy takes the argmax of
 the penalised logits. Temperature 0 or `do_sample=False` means greedy.

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from core.cli import COUNT, POSITIVE, flag
 
 from .layer import check_init
 
@@ -15,18 +17,23 @@ GPT_NEOX_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"
 class LoRAConfig:
     """What `inject_lora` does. Field names map to PEFT's adapter_config.json as
     r→r, alpha→lora_alpha, dropout→lora_dropout, target_modules→target_modules, use_rslora→use_rslora,
-    init→init_lora_weights.
+    init→init_lora_weights. The fields carry their command-line flags (`--lora-r`, ...: core.cli), so a command
+    offering LoRA settings adds them with `add_config_flags(parser, LoRAConfig, prefix="lora_")`.
 
     target_modules: a list of names matched as suffixes (a module is wrapped if its full name equals a
     target or ends with "." + target), or one string used as a regular expression that must match the whole
     module name (`re.fullmatch`), exactly as PEFT matches them.
     """
-    r: int = 16
-    alpha: float = 32
-    dropout: float = 0.05
-    target_modules: list[str] | str = field(default_factory=lambda: list(GPT_NEOX_TARGETS))
+    r: int = flag(16, flag="--lora-r", range=COUNT, help="LoRA rank r")
+    alpha: float = flag(32, flag="--lora-alpha", range=POSITIVE, help="LoRA alpha: the update is scaled by α/r")
+    dropout: float = flag(0.05, flag="--lora-dropout", range="[0, 1)", help="dropout on the LoRA input")
+    target_modules: list[str] | str = flag(list(GPT_NEOX_TARGETS), flag="--lora-targets", dest="lora_targets",
+                                           help="Linear names (suffixes) that get an adapter")
     use_rslora: bool = False
-    init: bool | str = True   # True: Kaiming-uniform A; "gaussian": Normal(0, 1/r) A; False: A and B random
+    # True: Kaiming-uniform A ("kaiming" on the command line); "gaussian": Normal(0, 1/r) A; False: A and B random
+    init: bool | str = flag(True, flag="--lora-init", choices=("kaiming", "gaussian"),
+                            help="init of lora_A: kaiming (PEFT's default, ours) or gaussian (the original's); "
+                                 "default kaiming")
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:

@@ -144,6 +144,19 @@ def config_from_peft_dict(d: dict[str, Any], source: str = CONFIG_NAME) -> LoRAC
         raise fail(str(e)) from None
 
 
+def adapter_base_model(folder: str | os.PathLike) -> str | None:
+    """The base model an adapter records (adapter_config.json `base_model_name_or_path`; train.sft writes the
+    folder or .gguf it trained on), or None. The one reader of that field: a malformed file is an AdapterError,
+    a missing one FileNotFoundError, never silently no base."""
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no adapter config here (is {folder} a PEFT/LoRA adapter folder?)")
+    named = read_json(path, AdapterError).get("base_model_name_or_path")
+    if named is not None and not isinstance(named, str):
+        raise AdapterError(f"{path}: base_model_name_or_path must be a string, got {named!r}")
+    return named or None
+
+
 def read_adapter_config(folder: str | os.PathLike) -> LoRAConfig:
     """The `LoRAConfig` of the adapter in `folder` (its adapter_config.json), validated."""
     path = Path(folder) / CONFIG_NAME

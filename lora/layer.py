@@ -18,7 +18,9 @@ def check_init(init: bool | str) -> bool | str:
         return init
     if isinstance(init, str) and init.lower() == "gaussian":
         return "gaussian"
-    raise ValueError(f"LoRA init must be True (Kaiming-uniform A), 'gaussian' or False, got {init!r}")
+    if isinstance(init, str) and init.lower() == "kaiming":  # the command line's name for True
+        return True
+    raise ValueError(f"LoRA init must be True (Kaiming-uniform A), 'kaiming', 'gaussian' or False, got {init!r}")
 
 
 def dropout_keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import pandas as pd
@@ -28,6 +28,12 @@ from data.memory_pairs import read_combinations
 
 ORIGINAL_THRESHOLD = 0.6
 MAX_FALSE = 0.10
+
+
+class Encoder(Protocol):
+    """Ours (bert.model.SentenceEncoder) or a sentence-transformers model: what evaluation and calibration use."""
+
+    def encode(self, texts: Sequence[str], batch_size: int = 32, convert_to_numpy: bool = True) -> Any: ...
 
 
 @dataclass

@@ -15,19 +15,21 @@ Figures (predicted = cos(embed(memory_0), embed(user_prompt_1)), true = similari
 Memories are encoded as passages and messages as queries, with the model's stored prompts (e5's `passage: ` /
 `query: `; none for MiniLM), as the memory store does.
 
-    python -m sbert.evaluate --model runs/sbert/best [more folders…] --data data/memory_test.csv [--json] [--plot scatter.png]
+    python -m sbert.evaluate --model runs/sbert/best [more folders…] --data data/memory_test.csv [--json]
+                             [--plot scatter.png]
 
 Pure numpy/pandas (no scipy). `evaluate(model, df)` is what `sbert.train` calls before and after training.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -35,8 +37,9 @@ import pandas as pd
 from core.atomic import atomic_write_file
 from core.cli import COUNT, Parser, add_config_flags, config_from_args, flag, run_cli
 from core.errors import OhLoRAError
+from core.jsonio import read_text
 from data.memory_pairs import KEY_ALIASES, CombinationFileError, build_pairs, read_combinations
-from sbert.calibrate import best_items, calibration_set, encode_role, pick_threshold, rates
+from sbert.calibrate import Encoder, best_items, calibration_set, encode_role, pick_threshold, rates
 
 PAIR_COLUMNS = ("memory_0", "user_prompt_1", "similarity_score")
 METRIC_NAMES = ("mse", "mae", "pearson", "spearman", "recall_at_1")
@@ -45,10 +48,6 @@ MEMORY_NAMES = ("threshold", "false_prepend", "miss")  # shown when present (sbe
 
 class PairsFileError(OhLoRAError):
     """A pairs CSV (or combination file) that is missing, unreadable or lacks the required columns."""
-
-
-class Encoder(Protocol):
-    def encode(self, texts: Sequence[str], batch_size: int = 32, convert_to_numpy: bool = True) -> Any: ...
 
 
 # --------------------------------------------------------------------------------------------------- metrics
@@ -115,10 +114,11 @@ def load_pairs(path: str | os.PathLike) -> pd.DataFrame:
 def _read_pairs_csv(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise PairsFileError(f"{path}: no such pairs CSV")
+    text = read_text(path, PairsFileError, bom=True)
     try:
-        df = pd.read_csv(path, encoding="utf-8", keep_default_na=False)
-    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise PairsFileError(f"{path}: not a readable UTF-8 CSV ({str(err).splitlines()[0]})") from None
+        df = pd.read_csv(io.StringIO(text), keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise PairsFileError(f"{path}: not a readable CSV ({str(err).splitlines()[0]})") from None
     missing = [c for c in PAIR_COLUMNS if c not in df.columns]
     if missing:
         raise PairsFileError(f"{path}: missing column(s) {missing}; need {list(PAIR_COLUMNS)}")

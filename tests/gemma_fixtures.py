@@ -17,9 +17,9 @@ WINDOW = 6  # sliding window of the tiny models: the test sequences are longer
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
 USER = ["\n", "\n\n", "  ", "   "]
 BYTES = [f"<0x{b:02X}>" for b in range(256)]
-NORMAL = ["▁", "안", "녕", "안녕", "▁안녕", "하", "세", "요", "하세요", "▁하세요", "오", "늘", "오늘", "▁오늘", "카", "페",
-          "카페", "▁카페", "에", "!", ".", "a", "b", "c", "ab", "abc", "▁ab", "▁abc", "h", "e", "l", "o", "he", "ll",
-          "hell", "hello", "▁hello", "1", "2", "12", "?"]
+NORMAL = ["▁", "안", "녕", "안녕", "▁안녕", "하", "세", "요", "하세요", "▁하세요", "오", "늘", "오늘", "▁오늘",
+          "카", "페", "카페", "▁카페", "에", "!", ".", "a", "b", "c", "ab", "abc", "▁ab", "▁abc", "h", "e", "l", "o",
+          "he", "ll", "hell", "hello", "▁hello", "1", "2", "12", "?"]
 
 
 def tiny_vocab() -> tuple[list[str], list[int], list[float]]:

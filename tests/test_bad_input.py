@@ -51,13 +51,13 @@ class Workspace:
 
     @classmethod
     def build(cls, root: Path) -> "Workspace":
+        from bert.encoder import BertEncoder, EncoderConfig, init_weights
+        from bert.model import SentenceEncoder
+        from bert.tokenizer import SentenceTokenizer
         from gptneox.config import GPTNeoXConfig
         from gptneox.load import save_pretrained
         from gptneox.model import GPTNeoXForCausalLM
         from lora import LoRAConfig, inject_lora, save_adapter
-        from bert.encoder import BertEncoder, EncoderConfig, init_weights
-        from bert.model import SentenceEncoder
-        from bert.tokenizer import SentenceTokenizer
 
         torch.manual_seed(0)
         neox = root / "neox"

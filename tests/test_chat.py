@@ -1,4 +1,5 @@
-"""chat (python -m chat): memory item prepended to the prompt, produced items stored, answers shown without items, CLI."""
+"""chat (python -m chat): memory item prepended to the prompt, produced items stored, answers shown without items,
+CLI."""
 from __future__ import annotations
 
 import numpy as np
@@ -32,7 +33,7 @@ class StubGenerate:
     def __init__(self, raw: str):
         self.raw, self.prompts = raw, []
 
-    def __call__(self, model, tokenizer, prompts, config, stream=None):
+    def __call__(self, model, tokenizer, prompts, config, stream=None, prefix_cache=None):
         self.prompts.extend(prompts)
         if stream is not None:
             for k in range(0, len(self.raw), 3):
@@ -122,9 +123,9 @@ def test_cli_once_loads_merges_and_stores(model_and_adapter, tmp_path, monkeypat
     base, adapter = model_and_adapter
     seen = {}
 
-    def fake_generate(model, tokenizer, prompts, config, stream=None):
-        from lora import lora_layers
+    def fake_generate(model, tokenizer, prompts, config, stream=None, prefix_cache=None):
         from core.onednn import PackedLinear, packing_available
+        from lora import lora_layers
         seen.update(model=model, prompts=prompts, config=config)
         assert not list(lora_layers(model)) and not model.training        # merged, eval mode
         assert isinstance(model.embed_out, PackedLinear) == packing_available(model.embed_out.weight.dtype)
@@ -194,7 +195,6 @@ def test_turns_reuse_the_kv_cache_prefix(model_and_adapter, tmp_path):
     """Real sampler, tiny model: replies with the session's prefix cache equal those without (greedy); the
     shared prefix between turns is what the single-turn template allows — the memory item in front when the
     same item is recalled, else (nearly) nothing — and a prompt repeated is prefilled from its last token."""
-    import infer.sampler as sampler
     base, adapter = model_and_adapter
     model, tok = chat.load_chat_model(base, adapter)
     cfg = SamplingConfig(do_sample=False, max_new_tokens=10)
@@ -203,7 +203,7 @@ def test_turns_reuse_the_kv_cache_prefix(model_and_adapter, tmp_path):
     (tmp_path / "b.txt").write_text(items, encoding="utf-8")
     reuse = ChatSession(model, tok, cfg, MemoryStore.load(tmp_path / "a.txt", encoder=KeywordEncoder()))
     fresh = ChatSession(model, tok, cfg, MemoryStore.load(tmp_path / "b.txt", encoder=KeywordEncoder()),
-                        generate_fn=lambda *a, **k: sampler.generate(*a, **k))
+                        reuse_prefix=False)
     messages = ["오늘 뭐 해?", "오늘 계획 있어?", "비 와?", "비 와?"]
     shared, lengths = [], []
     for m in messages:
@@ -216,7 +216,7 @@ def test_turns_reuse_the_kv_cache_prefix(model_and_adapter, tmp_path):
     assert shared[0] == 0 and shared[1] >= item - 1            # the same memory item in front: reused
     assert shared[3] == lengths[3] - 1                          # the same prompt again
     print(f"\nprompt tokens reused / prompt length per turn: {list(zip(shared, lengths))}")
-    assert fresh.prefix_cache.cache is None                    # a custom generate_fn gets no cache
+    assert fresh.prefix_cache is None                          # every turn prefilled in full
 
 
 def test_default_base_may_be_a_gguf_file(tmp_path, monkeypatch):
@@ -237,3 +237,8 @@ def test_default_base_may_be_a_gguf_file(tmp_path, monkeypatch):
     (tmp_path / "runs/sft/base").mkdir()
     (tmp_path / "runs/sft/base/config.json").write_text("{}")
     assert chat.resolve_model_dirs(None, None) == (chat.DEFAULT_BASE, chat.DEFAULT_ADAPTER)
+    # a malformed adapter_config.json is said (lora.io reads it), not taken for "no base recorded"
+    from lora import AdapterError
+    (adapter / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterError, match="adapter_config.json: not valid JSON"):
+        chat.resolve_model_dirs(None, None)

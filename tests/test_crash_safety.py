@@ -217,8 +217,9 @@ def test_sbert_killed_anywhere_resumes_to_the_uninterrupted_weights(tmp_path):
 
 def test_corrupt_state_is_a_resume_error_naming_the_file(sft_inputs, tmp_path):
     """A truncated trainable.safetensors / state.pt, or garbage: ResumeError naming the file (CLI: one line)."""
-    from train.loop import LoopConfig, ResumeError, Trainer
     import torch
+
+    from train.loop import LoopConfig, ResumeError, Trainer
 
     class Toy(torch.nn.Module):
         def __init__(self):
@@ -260,6 +261,7 @@ def test_sft_resume_flag_accepts_a_state_mid_swap(sft_inputs, tmp_path, capsys):
 
 def test_atomic_writes_get_the_usual_permissions_not_mkstemps_private_ones(tmp_path):
     import torch
+
     from core.atomic import atomic_write_dir, atomic_write_text
     from core.safetensors_io import save_folder
 

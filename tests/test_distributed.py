@@ -1,8 +1,8 @@
 """train/distributed.py and the trainers under torchrun: 2 processes, gloo, CPU, tiny models.
 
 The numbers: after k optimizer steps the trainable weights of a 2-process run equal a 1-process run over the
-same global batches (≤ 1e-5, fp32) for DDP and FSDP, on a tiny GPT-NeoX and a tiny Gemma-3 (train.sft); a dead or hung rank ends the other one with exit code 1
-and a clear message within the collective timeout.
+same global batches (≤ 1e-5, fp32) for DDP and FSDP, on a tiny GPT-NeoX and a tiny Gemma-3 (train.sft); a dead
+or hung rank ends the other one with exit code 1 and a clear message within the collective timeout.
 """
 from __future__ import annotations
 
@@ -21,8 +21,14 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import dist_toy  # noqa: E402
-from train.distributed import (DistInfo, collective_timeout_s, describe_failure, shard, shard_for_eval,  # noqa: E402
-                               trainable_state_dict)
+from train.distributed import (  # noqa: E402
+    DistInfo,
+    collective_timeout_s,
+    describe_failure,
+    shard,
+    shard_for_eval,
+    trainable_state_dict,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = Path(__file__).resolve().parent / "dist_toy.py"
@@ -83,7 +89,7 @@ def test_timeout_setting_and_failure_messages(monkeypatch):
 
 
 def test_single_process_is_a_no_op():
-    from train.distributed import init_distributed, wrap_ddp, apply_fsdp, mean_grad_factor
+    from train.distributed import apply_fsdp, init_distributed, mean_grad_factor, wrap_ddp
     info = init_distributed("cpu")
     assert (info.rank, info.world_size, info.is_main, info.enabled) == (0, 1, True, False)
     m = dist_toy.make_model()
@@ -147,6 +153,7 @@ if _root and os.environ.get("RANK", "0") != "0":
 def sft_model(request, tmp_path_factory) -> Path:
     """A tiny NeoX folder, and a tiny Gemma-3 folder with the same tokenizer: the same runs on both families."""
     import pandas as pd
+
     from neox_fixtures import save_tiny_hf_neox, train_tiny_tokenizer
 
     folder = tmp_path_factory.mktemp("neox")
@@ -205,8 +212,8 @@ def test_sft_two_ranks_equal_one_process_and_only_rank0_writes(sft_model, sft_si
     ref_loss = [r["eval_loss"] for r in read_jsonl(sft_single / "log.jsonl") if "eval_loss" in r]
     assert eval_loss and abs(eval_loss[-1] - ref_loss[-1]) <= 1e-5   # all-reduced over the 2 ranks' shares
     # the 2-process adapter loads in one process and gives the reference's logits
-    from lora import load_adapter
     from infer.models import load_causal_lm
+    from lora import load_adapter
     ids = torch.randint(2, 300, (2, 16), generator=torch.Generator().manual_seed(0))
     logits = []
     for folder in (out / "last", sft_single / "last"):
@@ -235,8 +242,9 @@ def test_sbert_ddp_equals_one_process(tmp_path):
     """2 ranks × batch 4 (DDP) == 1 process × batch 8 over the same pairs: unbucketed batches of 8 are the
     concatenation of consecutive batches of 4, which is what ranks 0 and 1 take at each step."""
     import json
-    from sbert_fixtures import save_tiny_hf_encoder
+
     from sbert.train import parse_args, train
+    from sbert_fixtures import save_tiny_hf_encoder
 
     base = save_tiny_hf_encoder(tmp_path / "bert", model_type="bert", model_max_length=64)
     config = json.loads((base / "config.json").read_text())
@@ -284,7 +292,7 @@ def test_dead_or_hung_rank_ends_the_other_with_a_clear_message(tmp_path, how):
             _, err = rank0.communicate(timeout=timeout_s + 30)
         except subprocess.TimeoutExpired:
             rank0.kill()
-            raise AssertionError(f"rank 0 still running {timeout_s + 30} s after rank 1 was {how}")
+            raise AssertionError(f"rank 0 still running {timeout_s + 30} s after rank 1 was {how}") from None
         waited = time.time() - t0
     finally:
         for p in (rank0, rank1):

@@ -4,13 +4,13 @@ by transformers (its GGUF loader and from_pretrained) and by our own reader; bad
 import numpy as np
 import pytest
 import torch
-from gemma_fixtures import WINDOW, tiny_hf_gemma, write_tiny_gguf
-from lora_fixtures import randomize_lora
 
 import lora
 from chat.export import main as export_main
 from gemma import GGUFFile, load_gguf
 from gemma.convert import convert
+from gemma_fixtures import WINDOW, tiny_hf_gemma, write_tiny_gguf
+from lora_fixtures import randomize_lora
 
 # Measured on these tiny models (weights 3x HF's init, max |logit| ~2; fp32 compute), asserted with margin:
 # the file's values are read exactly (vs the merged model with its 2-D weights rounded to the file's type: 0);
@@ -171,10 +171,10 @@ def test_neox_base_is_refused_for_gguf(tmp_path, capsys):
 
 
 def test_neox_base_exports_an_hf_folder(tmp_path, one_thread):
-    from neox_fixtures import save_tiny_hf_neox, train_tiny_tokenizer
     from transformers import AutoModelForCausalLM
 
     from gptneox import load_model
+    from neox_fixtures import save_tiny_hf_neox, train_tiny_tokenizer
 
     folder = save_tiny_hf_neox(tmp_path / "neox")
     train_tiny_tokenizer(folder)

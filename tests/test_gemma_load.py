@@ -9,8 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from gemma import (CheckpointError, ConfigError, GemmaConfig, GGUFError, GGUFFile, default_gemma_gguf, load_gguf,
-                   load_model, load_pretrained, save_pretrained, tokenizer_from_gguf)
+from gemma import (
+    CheckpointError,
+    ConfigError,
+    GemmaConfig,
+    GGUFError,
+    GGUFFile,
+    default_gemma_gguf,
+    load_gguf,
+    load_model,
+    load_pretrained,
+    save_pretrained,
+    tokenizer_from_gguf,
+)
 from gemma.convert import main as convert_main
 from gemma.gguf_io import GGUF_TO_HF, hf_name
 from gemma_fixtures import WINDOW, save_tiny_hf_gemma, tiny_hf_gemma, write_tiny_gguf

@@ -5,11 +5,11 @@ import copy
 import peft
 import pytest
 import torch
-from gemma_fixtures import WINDOW, save_tiny_hf_gemma
-from lora_fixtures import lora_state, peft_lora_state, randomize_lora
 
 import lora
 from gemma import GemmaForCausalLM, load_model, save_pretrained
+from gemma_fixtures import WINDOW, save_tiny_hf_gemma
+from lora_fixtures import lora_state, peft_lora_state, randomize_lora
 
 KINDS = ("gemma2", "gemma3")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

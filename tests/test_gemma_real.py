@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from gemma import GGUFFile, load_gguf, load_model, tokenizer_from_gguf
-from gemma_fixtures import gguf_path  # noqa: F401  (the fixture, shared with test_gemma_tokenizer)
 from gemma.convert import convert
+from gemma_fixtures import gguf_path  # noqa: F401  (the fixture, shared with test_gemma_tokenizer)
 
 PROMPTS = ["오늘 친구랑 카페에 가기로 했어. 그래서", "안녕! 나는 오로라야. 오늘 하루는", "비 오는 날에는 집에서",
            "내일 면접이 있어서 너무 떨려. 어떻게 하면", "한국의 수도는 서울이고, 일본의 수도는"]

@@ -14,9 +14,12 @@ from gemma_fixtures import gguf_path  # noqa: F401  (the fixture, shared with te
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 EXTRA = [
-    "오늘 친구랑 카페에 가기로 했어. 그래서", "😀 이모지도 잘 될까? 🎉👍🏽🇰🇷 ❤️", "1234567890 3.14159 -42 1e-5 2026년 12월 2일",
-    "  앞에 공백 두 칸", "뒤에 공백   ", "중간에    공백이   여러    칸", "탭\t문자\t\t두 개", "줄바꿈\n한 번\n\n두 번\n\n\n세 번",
-    "\r\nCRLF 줄바꿈\r\n", "전각 공백　과 nbsp\u00a0도", "<start_of_turn>user\n안녕<end_of_turn>\n<start_of_turn>model\n",
+    "오늘 친구랑 카페에 가기로 했어. 그래서", "😀 이모지도 잘 될까? 🎉👍🏽🇰🇷 ❤️",
+    "1234567890 3.14159 -42 1e-5 2026년 12월 2일",
+    "  앞에 공백 두 칸", "뒤에 공백   ", "중간에    공백이   여러    칸", "탭\t문자\t\t두 개",
+    "줄바꿈\n한 번\n\n두 번\n\n\n세 번",
+    "\r\nCRLF 줄바꿈\r\n", "전각 공백　과 nbsp\u00a0도",
+    "<start_of_turn>user\n안녕<end_of_turn>\n<start_of_turn>model\n",
     "<bos>이미 있는 bos", "Hello, Oh-LoRA! 반가워요.", "MixedCase ENGLISH words and code: def f(x): return x**2",
     "ㅋㅋㅋㅋㅋ ㅎㅎ ㅠㅠ", "ㄱㄴㄷ 자모만", "漢字 한자 섞기", "日本語のテキスト", "", " ", "\n", "a", "🫠",
     "https://example.com/path?q=1&r=2", "이메일: test@example.com", "(괄호) [대괄호] {중괄호} <꺾쇠>",
@@ -56,8 +59,8 @@ def test_pieces_decode_and_specials(both):
     ours, ref = both
     ids = ours.encode("오늘 친구랑 카페에 가기로 했어").ids
     assert ids[0] == 2 and ours.id_to_token(2) == "<bos>"  # BOS added as Gemma expects, EOS not
-    assert ours.encode("오늘 친구랑 카페에 가기로 했어").tokens[1:] == ["오늘", "▁친구", "랑", "▁카페", "에", "▁가", "기로",
-                                                                  "▁했", "어"]
+    assert ours.encode("오늘 친구랑 카페에 가기로 했어").tokens[1:] == ["오늘", "▁친구", "랑", "▁카페", "에", "▁가",
+                                                                  "기로", "▁했", "어"]
     for line in corpus()[:120] + EXTRA:
         ids = ours.encode(line).ids
         assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True), line

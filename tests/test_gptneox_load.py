@@ -3,11 +3,11 @@ import json
 
 import pytest
 import torch
-from neox_fixtures import save_tiny_hf_neox
 from safetensors.torch import load_file, save_file
 
-from gptneox import CheckpointError, ConfigError, GPTNeoXConfig, GPTNeoXForCausalLM, load_model, save_pretrained
 from core.safetensors_io import parse_size
+from gptneox import CheckpointError, ConfigError, GPTNeoXConfig, GPTNeoXForCausalLM, load_model, save_pretrained
+from neox_fixtures import save_tiny_hf_neox
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,10 @@ import json
 
 import pytest
 import torch
-from neox_fixtures import save_tiny_hf_neox
 from safetensors.torch import load_file, save_file
 
 from gptneox import GPTNeoXConfig, GPTNeoXForCausalLM, KVCache, load_model
+from neox_fixtures import save_tiny_hf_neox
 
 TOL = 1e-4
 

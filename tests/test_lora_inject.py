@@ -1,11 +1,11 @@
 """inject_lora / merge_lora on our GPT-NeoX: matching, freezing, counts, merge round trip, one AdamW step."""
 import pytest
 import torch
-from lora_fixtures import randomize_lora
 from torch import nn
 
 import lora
 from gptneox import GPTNeoXConfig, GPTNeoXForCausalLM
+from lora_fixtures import randomize_lora
 from train.optim import build_adamw
 
 TINY = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,

@@ -3,13 +3,13 @@ import json
 
 import pytest
 import torch
-from lora_fixtures import lora_state, randomize_lora
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import lora
 from gptneox import GPTNeoXConfig, GPTNeoXForCausalLM
 from lora.io import AdapterError
+from lora_fixtures import lora_state, randomize_lora
 
 TINY = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
             max_position_embeddings=128)

@@ -1,5 +1,4 @@
 """LoRALinear on a plain nn.Linear: the formula, init, merge/unmerge, dtypes, dropout, gradients."""
-import contextlib
 import math
 
 import pytest

@@ -6,11 +6,11 @@ import peft
 import pytest
 import torch
 import transformers
-from lora_fixtures import copy_lora_into_peft, lora_state, peft_lora_state, randomize_lora
-from neox_fixtures import save_tiny_hf_neox
 
 import lora
 from gptneox import load_model, save_pretrained
+from lora_fixtures import copy_lora_into_peft, lora_state, peft_lora_state, randomize_lora
+from neox_fixtures import save_tiny_hf_neox
 
 FOUR = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
 QKV = ["query_key_value"]

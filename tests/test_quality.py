@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 
 from data.sft import QAPair
+from infer.sampler import GenerationOutput
 from train import quality
 from train.quality import QualityReport, hangul_share, memory_value, uses_value
-from infer.sampler import GenerationOutput
 
 
 def test_hangul_share_counts_letters_only():

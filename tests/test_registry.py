@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.causal_lm import DecoderLM
+from core.causal_lm import DecoderBody, DecoderLM
 from core.registry import Family, families, family_for_model_type, register, unregister
 from core.safetensors_io import SafetensorsFile, assign_state, match_keys, read_state, save_folder, weight_files
 
@@ -35,11 +35,11 @@ class ToyBlock(nn.Module):
         super().__init__()
         self.mix = nn.Linear(c.hidden_size, c.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache, layer: int) -> torch.Tensor:
         return x + torch.tanh(self.mix(x))
 
 
-class ToyBody(nn.Module):
+class ToyBody(DecoderBody):
     """Embedding -> token-wise residual blocks -> LayerNorm (a bigram LM: enough for the plumbing)."""
 
     def __init__(self, c: ToyConfig):
@@ -47,25 +47,16 @@ class ToyBody(nn.Module):
         self.embed = nn.Embedding(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList(ToyBlock(c) for _ in range(c.num_hidden_layers))
         self.norm = nn.LayerNorm(c.hidden_size)
-        self.gradient_checkpointing = False
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None) -> torch.Tensor:
-        x = self.embed(input_ids)                                            # (B, T, H)
-        for layer in self.layers:
-            x = layer(x)
-        if cache is not None:
-            cache.length += input_ids.shape[1]
-        return self.norm(x)
+        return self.norm(self.run_layers(self.embed(input_ids), lambda i: (), cache))      # (B, T, H)
 
 
 class ToyLM(DecoderLM):
-    BODY, HEAD, EMBEDDING = "body", "head", "body.embed"
+    BODY, HEAD, EMBEDDING = "body", "out", "body.embed"
 
     def __init__(self, config: ToyConfig):
-        super().__init__()
-        self.config = config
-        self.body = ToyBody(config)
-        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        super().__init__(config, ToyBody(config))
 
 
 def load_toy(folder, dtype=torch.float32, device="cpu", config=None) -> ToyLM:
@@ -156,9 +147,8 @@ def test_gguf_family_from_the_header(tmp_path):
     """general.architecture is read from the first header keys (not the whole file); an architecture no family
     reads is one line naming the file; a file cut short falls back to the only GGUF family (whose loader says
     what is wrong)."""
-    from gemma_fixtures import tiny_hf_gemma, write_tiny_gguf
-
     from core.gguf_header import gguf_architecture
+    from gemma_fixtures import tiny_hf_gemma, write_tiny_gguf
     from infer.models import ModelPathError, inspect_model
 
     hf = tiny_hf_gemma("gemma3", for_gguf=True)
@@ -171,3 +161,23 @@ def test_gguf_family_from_the_header(tmp_path):
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(path.read_bytes()[:12])
     assert gguf_architecture(cut) is None and inspect_model(cut).family.name == "gemma"
+
+
+def test_config_json_is_parsed_once_per_run(toy_folder, monkeypatch):
+    """--model checked by argparse, inspected, loaded: config.json parsed once, and the config object made once."""
+    import infer.models as models
+
+    reads, made = [], []
+    read_json, from_dict = models.read_json, ToyConfig.from_dict.__func__
+    monkeypatch.setattr(models, "read_json", lambda path, *a, **k: reads.append(path) or read_json(path, *a, **k))
+    monkeypatch.setattr(ToyConfig, "from_dict", classmethod(lambda cls, d, source="config": made.append(source)
+                                                            or from_dict(cls, d, source)))
+    text = str(toy_folder)
+    assert models.check_model_path(text) == text
+    source = models.inspect_model(toy_folder)
+    model, _ = models.load_causal_lm(source)
+    assert [p.name for p in reads] == ["config.json"] and len(made) == 1 and isinstance(model, ToyLM)
+    models.check_model_path(text)
+    (toy_folder / "config.json").write_text((toy_folder / "config.json").read_text() + "\n")   # edited after
+    models.inspect_model(text)
+    assert len(reads) == 3                                          # the hand-over is not used for a changed file

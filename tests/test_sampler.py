@@ -6,10 +6,19 @@ import torch
 from torch import nn
 
 from core.tokenizer import Tokenizer
+from infer.sampler import (
+    IncrementalDecoder,
+    SamplingConfig,
+    apply_repetition_penalty,
+    apply_top_k,
+    apply_top_p,
+    banned_by_ngrams,
+    generate,
+    generate_batch,
+    generate_ids,
+    stop_prefix_len,
+)
 from tests.neox_fixtures import KOREAN_TEXTS, save_tiny_hf_neox, train_tiny_tokenizer
-from infer.sampler import (IncrementalDecoder, SamplingConfig, apply_repetition_penalty, apply_top_k, apply_top_p,
-                           banned_by_ngrams,
-                           generate, generate_batch, generate_ids, stop_prefix_len)
 
 STOP = "(답변 종료)"
 

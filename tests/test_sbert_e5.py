@@ -25,10 +25,13 @@ ENGLISH = [
     "I went to the gym for a personal training session.", "What time does the team presentation start?",
 ]
 EDGE_LINES = [  # emoji, digits, odd spacing, full-width and compatibility characters, other scripts
-    "😀😃 이모지 🎉🎉 테스트 👍🏽", "전화번호 010-1234-5678, 2024년 12월 31일 23:59", "3.14159 1,000,000 ₩50,000 $9.99 ½ ²³",
-    "  앞에 공백", "뒤에 공백   ", "중간에    여러   공백", "탭\t문자\t그리고\n줄바꿈", "ＦＵＬＬＷＩＤＴＨ ａｂｃ １２３",
+    "😀😃 이모지 🎉🎉 테스트 👍🏽", "전화번호 010-1234-5678, 2024년 12월 31일 23:59",
+    "3.14159 1,000,000 ₩50,000 $9.99 ½ ²³",
+    "  앞에 공백", "뒤에 공백   ", "중간에    여러   공백", "탭\t문자\t그리고\n줄바꿈",
+    "ＦＵＬＬＷＩＤＴＨ ａｂｃ １２３",
     "ﬁ ﬂ ℃ № ™ ①②③", "MiXeD CaSe English and 한국어 섞어서", "", " ", "ㅋㅋㅋㅋ ㅎㅎ ㅠㅠ", "zero\u200bwidth",
-    "café naïve résumé", "中文 日本語テキスト", "Ελληνικά русский عربى", "query: 오늘 뭐 해?", "passage: 12345678901234567890",
+    "café naïve résumé", "中文 日本語テキスト", "Ελληνικά русский عربى", "query: 오늘 뭐 해?",
+    "passage: 12345678901234567890",
 ]
 
 

@@ -109,7 +109,8 @@ def test_loading_errors(tmp_path):
 
     with pytest.raises(EncoderLoadError, match="model_type 'gpt2' is not supported"):
         load_encoder(variant("gpt2", model_type="gpt2"))
-    with pytest.raises(EncoderLoadError, match=r"shape mismatch: embeddings.word_embeddings.weight \(200, 32\) \(expected \(201, 32\)\)"):
+    with pytest.raises(EncoderLoadError,
+                       match=r"shape mismatch: embeddings.word_embeddings.weight \(200, 32\) \(expected \(201, 32\)\)"):
         load_encoder(variant("shape", vocab_size=config["vocab_size"] + 1))
     with pytest.raises(EncoderLoadError, match=r"missing: encoder.layer.2"):
         load_encoder(variant("layers", num_hidden_layers=3))

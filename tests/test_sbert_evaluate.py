@@ -8,8 +8,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sbert.evaluate import (PairsFileError, evaluate, format_table, load_pairs, pearson, predict_similarities,
-                            rank_average, recall_at_1, regression_metrics, spearman)
+from sbert.evaluate import (
+    PairsFileError,
+    evaluate,
+    format_table,
+    load_pairs,
+    pearson,
+    predict_similarities,
+    rank_average,
+    recall_at_1,
+    regression_metrics,
+    spearman,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 

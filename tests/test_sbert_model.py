@@ -9,8 +9,13 @@ import pytest
 import torch
 
 from bert.model import SentenceEncoder, SentenceModelError
-from tests.sbert_fixtures import (SBERT_TEXTS, minilm_dir, minilm_encoder,  # noqa: F401 (fixture)
-                                  save_tiny_hf_encoder, save_tiny_st)
+from tests.sbert_fixtures import (
+    SBERT_TEXTS,
+    minilm_dir,
+    minilm_encoder,  # noqa: F401  (a fixture: tests take it by name)
+    save_tiny_hf_encoder,
+    save_tiny_st,
+)
 
 LONG_KO = "비 오는 날에는 집에서 따뜻한 차를 마시면서 영화 보는 게 최고야. " * 12  # > 256 MiniLM tokens
 TEXTS = SBERT_TEXTS + [LONG_KO, "Sentence embeddings map text to vectors; cosine compares them.", "ok"]

@@ -6,8 +6,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from data.memory_pairs import (CombinationFileError, build_pairs, generate, key_similarity, parse_line,
-                               read_combinations)
+from data.memory_pairs import CombinationFileError, build_pairs, generate, key_similarity, parse_line, read_combinations
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 
@@ -111,12 +110,12 @@ def test_bundled_training_pairs_are_built_from_the_combination_file(tmp_path):
 def test_bundled_sets_are_disjoint_and_every_test_message_has_another_exact_match():
     train = read_combinations(DATA / "memory_train_combs.txt")
     test = read_combinations(DATA / "memory_test_combs.txt")
-    assert not {(l.memory, l.message) for l in train} & {(l.memory, l.message) for l in test}
-    assert len({l.key for l in train}) >= 12
+    assert not {(x.memory, x.message) for x in train} & {(x.memory, x.message) for x in test}
+    assert len({x.key for x in train}) >= 12
     for line in test:   # a score-1.0 memory besides the message's own line
         assert sum(key_similarity(line.key, other.key) == 1.0 for other in test) >= 2
     # the no-related-memory messages: their keys share no word with a train or test key (docs/data.md)
     words = {w for line in train + test for w in line.key.split()}
     unrelated = read_combinations(DATA / "memory_unrelated_combs.txt")
-    assert len(unrelated) == 40 and not [l.key for l in unrelated if set(l.key.split()) & words]
-    assert not {l.message for l in train} & {l.message for l in test}
+    assert len(unrelated) == 40 and not [x.key for x in unrelated if set(x.key.split()) & words]
+    assert not {x.message for x in train} & {x.message for x in test}

@@ -10,14 +10,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sbert.evaluate import bundled_pairs, evaluate, load_pairs
+from bert.bases import bundled_minilm_dir
 from bert.model import SentenceEncoder
 from chat.memory import MemoryStore
-from bert.bases import bundled_minilm_dir
 from sbert.calibrate import pick_threshold, rates
+from sbert.evaluate import bundled_pairs, evaluate, load_pairs
 from sbert.losses import LOSSES, mnr, mnr_mse
-from sbert.train import (NO_DECAY, PairLoss, TokenCache, TrainConfig, default_max_seq_length, key_score_table,
-                         make_batches, plan_forwards, split_train_valid, train)
+from sbert.train import (
+    NO_DECAY,
+    PairLoss,
+    TokenCache,
+    TrainConfig,
+    default_max_seq_length,
+    key_score_table,
+    make_batches,
+    plan_forwards,
+    split_train_valid,
+    train,
+)
 from train.optim import build_adamw
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,8 +108,8 @@ def test_optimizer_has_no_decay_on_bias_and_layernorm(minilm):
 
 def test_short_training_lowers_test_mse_and_best_checkpoint_reloads(tmp_path):
     out = tmp_path / "run"
-    result = train(TrainConfig(base=str(bundled_minilm_dir()), loss="cosine-mse", limit=400, epochs=1, lr=2e-5, batch_size=16,
-                               output=str(out), progress=False, log_every=5))
+    result = train(TrainConfig(base=str(bundled_minilm_dir()), loss="cosine-mse", limit=400, epochs=1, lr=2e-5,
+                               batch_size=16, output=str(out), progress=False, log_every=5))
     before, best = result.test["before"], result.test["best"]
     assert result.global_step == 23                            # 360 training pairs / 16, rounded up
     assert best["mse"] < 0.75 * before["mse"], (before["mse"], best["mse"])
@@ -153,7 +163,8 @@ def test_mnr_equals_hand_computed_value():
 
 
 def test_key_score_table_and_threshold_pick():
-    table = key_score_table(["[오늘 일정: 면접]", "[좋아하는 아이돌: 아이브]", "[좋아하는 가수: 임영웅]", "[오늘 기분: 설렘]"])
+    table = key_score_table(["[오늘 일정: 면접]", "[좋아하는 아이돌: 아이브]", "[좋아하는 가수: 임영웅]",
+                             "[오늘 기분: 설렘]"])
     np.testing.assert_allclose(table, [[1, 0, 0, .3333], [0, 1, 1, 0], [0, 1, 1, 0], [.3333, 0, 0, 1]], atol=1e-6)
     # 10 unrelated best cosines: at most 1 may pass -> just above the 2nd highest (0.7)
     unrelated = np.array([0.9, 0.7, 0.65, 0.3, 0.2, 0.1, 0.0, 0.5, 0.4, 0.6])

@@ -6,11 +6,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.sft import (IGNORE_INDEX, PromptTemplate, SFTDataError, collate, encode_pair, encode_pairs,
-                      length_bucketed_batches, load_sft_csv, padding_stats)
 from core.tokenizer import Tokenizer
+from data.sft import (
+    IGNORE_INDEX,
+    PromptTemplate,
+    SFTDataError,
+    collate,
+    encode_pair,
+    encode_pairs,
+    length_bucketed_batches,
+    load_sft_csv,
+    padding_stats,
+)
 from train.default_model import bundled_data_path, save_tokenizer, train_tokenizer
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

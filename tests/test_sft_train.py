@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 from core.registry import families
 from data.sft import PromptTemplate, collate, encode_pair
 from gptneox.load import load_model, save_pretrained
+from infer.models import load_causal_lm
 from lora import LoRAConfig, inject_lora
 from train.default_model import DefaultModelSpec, build_default_base, bundled_data_path
-from infer.models import load_causal_lm
 from train.loop import LoopConfig, NonFiniteLossError, Trainer
 from train.progress import read_jsonl
 from train.sft import CausalLMLoss, main, run
@@ -105,7 +105,7 @@ def test_loss_gradients_equal_full_logits_autograd(family_base, head):
     model, tok = load_causal_lm(family_base)
     torch.manual_seed(0)
     inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0, init=False, target_modules=list(model.LORA_TARGETS)))
-    getattr(model, model.HEAD).weight.requires_grad_(head == "trainable")
+    model.head.weight.requires_grad_(head == "trainable")
     exs = [encode_pair(tok, PromptTemplate(), q, a)[0] for q, a in [("안녕", "반가워! 오늘 뭐 해?"), ("잘 자", "너도")]]
     b = collate(exs, tok.pad_token_id)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -260,8 +260,8 @@ def test_no_argument_run_picks_gemma_or_says_why(base, monkeypatch, capsys, tmp_
                                                                      "installed"))
     args = sft.parse(["--output-dir", str(tmp_path)])
     err = capsys.readouterr().err
-    assert (args.default_base, args.model, args.lr, args.epochs) == ("tiny", None, sft.TINY_DEMO.lr,
-                                                                      sft.TINY_DEMO.epochs)
+    assert (args.default_base, args.model, args.lr, args.epochs) == ("tiny", None, sft.TINY_DEMO["lr"],
+                                                                      sft.TINY_DEMO["epochs"])
     assert err.count("\n") == 1 and "package is not installed" in err and "tiny" in err
     fake = tmp_path / "g.gguf"
     fake.write_bytes(b"GGUF")
@@ -271,13 +271,14 @@ def test_no_argument_run_picks_gemma_or_says_why(base, monkeypatch, capsys, tmp_
     d = sft.GEMMA_DEMO
     assert (args.default_base, args.model) == ("gemma", str(fake))
     assert (args.lora_r, args.lora_alpha, args.lr, args.epochs, args.batch_size, args.max_length) == \
-        (d.lora_r, d.lora_alpha, d.lr, d.epochs, d.batch_size, d.max_length)
+        (d["lora_r"], d["lora_alpha"], d["lr"], d["epochs"], d["batch_size"], d["max_length"])
     assert err.count("Gemma Terms of Use") == 1
     assert args.dtype in ("bf16", "fp32") and args.precision == args.dtype   # by capability (core.cli.choose_dtype)
     args = sft.parse(["--tiny", "--output-dir", str(tmp_path)])
     assert args.default_base == "tiny" and args.model is None and capsys.readouterr().err == ""
     args = sft.parse(["--model", str(base), "--output-dir", str(tmp_path)])      # an explicit model: the original's
-    assert (args.default_base, args.lora_r, args.dtype, args.precision) == (None, sft.ORIGINAL.lora_r, "fp32", "fp32")
+    assert (args.default_base, args.lora_r, args.dtype, args.precision) == (None, sft.ORIGINAL["lora_r"], "fp32",
+                                                                            "fp32")
 
 
 def test_gguf_file_as_model_is_recorded_as_the_base(tmp_path):

@@ -3,9 +3,9 @@ import json
 
 import pytest
 import torch
-from neox_fixtures import KOREAN_TEXTS, train_tiny_tokenizer
 
 from core.tokenizer import Tokenizer, TokenizerError
+from neox_fixtures import KOREAN_TEXTS, train_tiny_tokenizer
 
 EXTRA = ["", "   띄어쓰기   여러 칸  ", "이모지 😀 와 한자 漢字", "<|endoftext|>가 중간에<|endoftext|>"]
 

@@ -32,8 +32,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data.sft import PromptTemplate, load_sft_csv
 from core.atomic import atomic_write_dir
+from core.cli import COUNT, NONNEG, flag
+from data.sft import PromptTemplate, load_sft_csv
 
 FINGERPRINT_FILE = "ohlora_default.json"
 BASE_MODEL_TYPE = "gpt_neox"  # the tiny base's architecture (Polyglot-Ko's), built through the family registry
@@ -42,14 +43,15 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>")
 
 @dataclass
 class DefaultModelSpec:
-    vocab_size: int = 3000
-    hidden_size: int = 256
-    num_hidden_layers: int = 4
+    """The tiny base; the fields with flag() are train.sft's `--default-*` flags (core.cli)."""
+    vocab_size: int = flag(3000, flag="--default-vocab", dest="default_vocab", range=COUNT)
+    hidden_size: int = flag(256, flag="--default-hidden", dest="default_hidden", range=COUNT)
+    num_hidden_layers: int = flag(4, flag="--default-layers", dest="default_layers", range=COUNT)
     num_attention_heads: int = 4
     intermediate_size: int = 1024
     rotary_pct: float = 0.5
     max_position_embeddings: int = 512
-    pretrain_epochs: int = 12
+    pretrain_epochs: int = flag(12, flag="--default-pretrain-epochs", dest="default_pretrain_epochs", range=NONNEG)
     pretrain_block: int = 128      # packed sequence length for pre-training
     pretrain_batch: int = 8
     pretrain_lr: float = 2e-3

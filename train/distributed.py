@@ -158,15 +158,23 @@ def fail_fast_on_collective_error() -> Iterator[None]:
 
 
 @contextmanager
+def torn_down() -> Iterator[None]:
+    """The body of a command that may run under torchrun (train.sft, sbert.train): a dead or hung rank ends it
+    with one clear line (exit 1, no hang), and the process group is torn down however it ends."""
+    try:
+        with fail_fast_on_collective_error():
+            yield
+    finally:
+        cleanup()
+
+
+@contextmanager
 def distributed_session(device: str | None = None, timeout_s: float | None = None) -> Iterator[DistInfo]:
     """`with distributed_session() as info:` — init, then always tear down (destroy_process_group), with
     `fail_fast_on_collective_error` around the body."""
     info = init_distributed(device, timeout_s)
-    try:
-        with fail_fast_on_collective_error():
-            yield info
-    finally:
-        cleanup()
+    with torn_down():
+        yield info
 
 
 # ------------------------------------------------------------------------------------ small collectives

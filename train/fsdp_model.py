@@ -7,8 +7,8 @@ every rank's memory before sharding it — the peak that FSDP is meant to remove
 1. the model is built on the meta device (no memory) and LoRA is injected with the same seed as the plain
    path; the adapter's initial values are computed for real on stand-in base weights that occupy one element
    each (stride-0 views), so they equal the plain path's bit for bit;
-2. `apply_fsdp` shards the meta model (each of the contract's `model.layers`, then the root), `to_empty` gives every rank
-   storage for its 1/N shards only;
+2. `apply_fsdp` shards the meta model (each of the contract's `model.layers`, then the root), `to_empty` gives
+   every rank storage for its 1/N shards only;
 3. the checkpoint is read one tensor at a time, each rank reading only the rows of its own shard (safetensors
    slices), so a rank's peak is its shards plus one tensor's shard.
 """

@@ -6,9 +6,10 @@ number of tokens in the whole accumulation window, so a window of uneven batches
 (what one big batch would do). Keeping the loss inside an `nn.Module` forward is also what DDP/FSDP need.
 
 Resume: `OUT/state/` (train/checkpoint.py) holds the trainable tensors and `state.pt` (optimizer, scheduler,
-grad scaler, RNG states, epoch / micro-batch position, best eval loss). Batches of an epoch are a pure function of (seed, epoch), so skipping the micro-batches already done and
-restoring the RNG gives the same weights as an uninterrupted run. Evaluation and sample generation run inside
-`torch.random.fork_rng`, so how often one evaluates never changes the training RNG stream.
+grad scaler, RNG states, epoch / micro-batch position, best eval loss). Batches of an epoch are a pure function
+of (seed, epoch), so skipping the micro-batches already done and restoring the RNG gives the same weights as an
+uninterrupted run. Evaluation and sample generation run inside `torch.random.fork_rng`, so how often one
+evaluates never changes the training RNG stream.
 
 Never a silent NaN: a non-finite training loss, gradient norm, trainable parameter (after the step) or eval loss
 stops the run with `NonFiniteError` naming the optimizer step, before anything is saved for it.
@@ -18,6 +19,7 @@ what it held when the state was saved, so redone steps are logged once.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import random
@@ -31,15 +33,30 @@ from typing import Any, Callable, Sequence
 import torch
 
 from core.atomic import atomic_write_dir, clean_stale_temps, recover_dir
+from core.cli import COUNT, NONNEG, POSITIVE, RATIO, flag
 from core.errors import OhLoRAError
 from core.malloc import return_large_blocks_to_os
 from core.onednn import invalidate_packs
 from core.unwrap import unwrap
-from train.checkpoint import (STATE_VERSION, ResumeError, read_resume_state, rng_state, set_rng_state,  # noqa: F401
-                              write_state)
-from train.distributed import (DistInfo, all_reduce_sum, full_optimizer_state_dict, full_trainable_params,
-                               gather_objects, grad_sync, init_distributed, is_fsdp, load_full_tensor,
-                               load_optimizer_state_dict, mean_grad_factor, on_main, shard, trainable_state_dict, wrap_ddp)
+from train.checkpoint import STATE_VERSION, ResumeError, read_resume_state, rng_state, set_rng_state, write_state
+from train.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    full_optimizer_state_dict,
+    full_trainable_params,
+    gather_objects,
+    grad_sync,
+    init_distributed,
+    is_fsdp,
+    load_full_tensor,
+    load_optimizer_state_dict,
+    mean_grad_factor,
+    on_main,
+    shard,
+    shard_for_eval,
+    trainable_state_dict,
+    wrap_ddp,
+)
 from train.optim import build_adamw, build_scheduler
 from train.progress import JsonlLogger, plot_curves, print_line, progress_bar, read_jsonl
 
@@ -55,21 +72,24 @@ NonFiniteLossError = NonFiniteError  # the former name
 
 @dataclass
 class LoopConfig:
-    epochs: int = 1
-    max_steps: int | None = None        # optimizer steps; when set it overrides `epochs`
-    lr: float = 2e-4
-    weight_decay: float = 0.0
+    """The loop's settings; the fields a command exposes become its flags (core.cli, e.g. train.sft's)."""
+    epochs: int = flag(1, range=COUNT, help="passes over the training data")
+    max_steps: int | None = flag(None, range=COUNT, help="optimizer steps; overrides --epochs")
+    lr: float = flag(2e-4, range=POSITIVE, help="peak lr")
+    weight_decay: float = flag(0.0, range=NONNEG, help="AdamW weight decay")
     no_decay: tuple[str, ...] = ()      # parameter-name parts without weight decay (e.g. "bias")
-    warmup_ratio: float = 0.0
-    lr_schedule: str = "cosine"         # cosine | linear | constant (after linear warmup)
-    grad_accum: int = 1
-    max_grad_norm: float | None = 1.0   # None/0: no clipping
+    warmup_ratio: float = flag(0.0, range=RATIO, help="share of the steps with linear warmup")
+    lr_schedule: str = flag("cosine", choices=("cosine", "linear", "constant"), help="decay after the warmup")
+    grad_accum: int = flag(1, range=COUNT, help="micro-batches per optimizer step")
+    max_grad_norm: float | None = flag(1.0, range=NONNEG, help="gradient clipping (0 = none)")
     precision: str = "fp32"             # fp32 | bf16 | fp16 (autocast; fp16 only on CUDA)
-    seed: int = 42
-    output_dir: str | None = None       # None: nothing written
-    resume: str | None = None           # a state folder written by a previous run (OUT/state)
-    save_state_steps: int | None = None  # also save resume state every N optimizer steps
-    stop_after_steps: int | None = None  # stop early as if interrupted (state saved): tests / demos
+    seed: int = flag(42, help="adapter init, batch order, dropout")
+    output_dir: str | None = flag(None, kind="output_dir", help="where state/, best/, last/, log.jsonl and loss.png "
+                                                                "go (None: nothing written)")
+    resume: str | None = flag(None, kind="dir", help="continue from a state folder (OUT/state of an earlier run)")
+    save_state_steps: int | None = flag(None, range=COUNT, help="also save resume state every N steps")
+    # stop early as if interrupted (state saved): tests / demos
+    stop_after_steps: int | None = flag(None, range=COUNT, help=argparse.SUPPRESS)
     eval_every_epoch: bool = True
     eval_at_start: bool = True          # eval loss before the first step (the baseline the run improves on)
     log_every: int = 1
@@ -360,6 +380,11 @@ class Trainer:
                                  f"{', …' if len(names) > 3 else ''}); try a lower --lr or --max-grad-norm")
 
     # --------------------------------------------------------------------------------------------- eval
+    def evaluate(self, batches: Sequence[Any], collate_fn: Callable[[Any], Any] | None = None) -> dict:
+        """The loss per item over `batches` (specs for `collate_fn`, default the training one), every rank
+        scoring its share: {"eval_loss", "eval_tokens"}, or {} without batches. For `eval_fn`."""
+        return evaluate_loss(self.train_module, batches, collate_fn or self.collate_fn, self.info, self.device)
+
     def _evaluate_and_save(self, res: TrainResult, epoch_pos: float, save: bool = True,
                            samples: bool = True) -> None:
         metrics: dict = {}
@@ -462,6 +487,26 @@ class Trainer:
         self.logger.log(event="resume", step=res.global_step, epoch=state["epoch"], micro_batch=global_micro,
                         world_size=world, saved_world_size=state.get("world_size", 1))
         return state["epoch"], global_micro, res
+
+
+@torch.no_grad()
+def evaluate_loss(module: torch.nn.Module, batches: Sequence[Any], collate_fn: Callable[[Any], Any],
+                  info: DistInfo | None = None, device: torch.device | None = None) -> dict:
+    """Σ loss / Σ items of `module(**collate_fn(spec)) -> (loss_sum, n)` over `batches`: {"eval_loss",
+    "eval_tokens"}, or {} without batches. Under torchrun each rank scores its share (the same number of
+    forwards on every rank, as FSDP needs) and the sums are all-reduced: the exact global mean."""
+    if not batches:
+        return {}
+    info = info or DistInfo()
+    total, n = 0.0, 0
+    for spec, counted in shard_for_eval(batches, info.rank, info.world_size):
+        batch = collate_fn(spec)
+        loss_sum, k = module(**(_to_device(batch, device) if device is not None else batch))
+        if counted:
+            total, n = total + float(loss_sum), n + k
+    total, n = all_reduce_sum([total, n])
+    n = int(n)
+    return {"eval_loss": total / max(n, 1), "eval_tokens": n}
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from core.causal_lm import CausalLM
 from data.sft import IGNORE_INDEX
 
 ROWS = 256           # hidden states per tile of the fused path
@@ -88,11 +89,11 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
         return grad * grad_output.to(grad.dtype), None, None, None
 
 
-def fusable_head(model: torch.nn.Module) -> torch.nn.Linear | None:
-    """The model's head when the fused path applies: a plain, bias-free, frozen nn.Linear."""
-    head = getattr(model, getattr(model, "HEAD", ""), None)
-    if type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad \
-            and hasattr(model, "logit_softcap"):
+def fusable_head(model: CausalLM) -> torch.nn.Linear | None:
+    """The model's head (the contract's `head`) when the fused path applies: a plain, bias-free, frozen
+    nn.Linear."""
+    head = model.head
+    if type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad:
         return head
     return None
 

@@ -27,14 +27,15 @@ from pathlib import Path
 
 import torch
 
-from core.cli import DTYPE_CHOICES, Parser, check_file, choose_dtype, number, run_cli
+from core.cli import DTYPE_CHOICES, Parser, add_config_flags, choose_dtype, config_from_args, flag, run_cli
 from core.errors import OhLoRAError
-from core.jsonio import read_json
 from core.registry import bundled_weights
 from data.memory_items import extract_memory_items, strip_memory_items
 from data.sft import PromptTemplate, QAPair, collate, encode_pairs, length_bucketed_batches, load_sft_csv
 from infer.models import check_model_path, load_causal_lm
 from infer.sampler import SamplingConfig, generate_detailed
+from lora.io import adapter_base_model
+from train.loop import evaluate_loss
 from train.loss import CausalLMLoss
 
 QUALITY_TRIALS = 5
@@ -172,15 +173,12 @@ def eval_loss(model, tokenizer, pairs: list[QAPair], template: PromptTemplate | 
     template = template or PromptTemplate()
     examples = encode_pairs(tokenizer, template, pairs, max_length).examples
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    loss_fn, total, n = CausalLMLoss(model), 0.0, 0
     was_training = model.training
     model.eval()
-    for idx in length_bucketed_batches([len(e) for e in examples], batch_size, 0, 0, shuffle=False):
-        b = collate([examples[i] for i in idx], pad)
-        loss_sum, k = loss_fn(b["input_ids"], b["labels"])
-        total, n = total + float(loss_sum), n + k
+    batches = length_bucketed_batches([len(e) for e in examples], batch_size, 0, 0, shuffle=False)
+    m = evaluate_loss(CausalLMLoss(model), batches, lambda idx: collate([examples[i] for i in idx], pad))
     model.train(was_training)
-    return total / max(n, 1)
+    return m.get("eval_loss", 0.0)
 
 
 class QualityError(OhLoRAError):
@@ -189,32 +187,37 @@ class QualityError(OhLoRAError):
 
 def base_of(adapter: Path) -> str:
     """The base model an adapter was trained on, as train.sft records it (base_model_name_or_path)."""
-    named = read_json(adapter / "adapter_config.json", QualityError).get("base_model_name_or_path")
+    named = adapter_base_model(adapter)
     if not named or not Path(named).exists():
         raise QualityError(f"{adapter / 'adapter_config.json'}: base_model_name_or_path {named!r} is not here; "
                            "pass --model PATH")
     return named
 
 
+@dataclass
+class QualityOptions:
+    """`python -m train.quality` flags (core.cli)."""
+    adapter: Path | None = flag(None, parse=Path, help="a LoRA adapter folder (train.sft's OUT/best or OUT/last); "
+                                                       "default: none, the untrained base")
+    model: str | None = flag(None, parse=check_model_path, help="base model (HF folder or .gguf); default: the one "
+                                                                "the adapter names, else the real Gemma-3 270M")
+    compare: bool = flag(False, help="also measure the untrained base: a before / after table")
+    data: str | None = flag(None, kind="file", help="Q&A CSV with a validation split (default: the bundled data)")
+    max_length: int = flag(128, range="[2, inf)", help="tokens per example for the eval loss")
+    max_new_tokens: int = flag(SamplingConfig.max_new_tokens, range="[1, inf)")
+    seed: int = flag(42, help="sampling seed (train.sft's default)")
+    samples: int = flag(5, range="[0, inf)", help="sample answers printed (each kind)")
+    dtype: str = flag("auto", choices=DTYPE_CHOICES, help="base weight dtype (auto: bf16 where native)")
+
+
 def build_parser() -> Parser:
     p = Parser(prog="python -m train.quality", description=__doc__.split("\n\n")[0])
-    a = p.add_argument
-    a("--adapter", type=Path, help="a LoRA adapter folder (train.sft's OUT/best or OUT/last); default: none, "
-                                   "the untrained base")
-    a("--model", type=check_model_path, help="base model (HF folder or .gguf); default: the one the adapter "
-                                             "names, else the real Gemma-3 270M")
-    a("--compare", action="store_true", help="also measure the untrained base: a before / after table")
-    a("--data", type=check_file, help="Q&A CSV with a validation split (default: the bundled data)")
-    a("--max-length", type=number(int, "[2, inf)"), default=128, help="tokens per example for the eval loss")
-    a("--max-new-tokens", type=number(int, "[1, inf)"), default=SamplingConfig.max_new_tokens)
-    a("--seed", type=int, default=42, help="sampling seed (train.sft's default)")
-    a("--samples", type=number(int, "[0, inf)"), default=5, help="sample answers printed (each kind)")
-    a("--dtype", choices=DTYPE_CHOICES, default="auto", help="base weight dtype (auto: bf16 where native)")
+    add_config_flags(p, QualityOptions, argparse_metavars=True)
     return p
 
 
 def main_run(argv: list[str] | None = None) -> tuple[QualityReport, QualityReport | None]:
-    args = build_parser().parse_args(argv)
+    args = config_from_args(QualityOptions, build_parser().parse_args(argv))
     from lora import load_adapter
     from train.default_model import bundled_data_path
 
