@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import chat.cli as chat
-from chat.cli import ChatError, ChatSession, ItemFilter
+from chat.cli import ChatError, ChatSession
 from chat.memory import MemoryStore
-from data.memory_items import strip_memory_items
+from data.memory_items import ItemFilter, strip_memory_items
 from train.sampler import SamplingConfig
 
 TEMPLATE_TAIL = " (답변 시작) ### 답변:"

@@ -135,6 +135,9 @@ def test_incremental_decoder_holds_incomplete_utf8(tokenizer):
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
     assert pieces[:3] == ["", "", "안"]               # 3 bytes of one syllable: emitted on the third
+    dec = IncrementalDecoder(lambda i: tokenizer.decode(i))
+    cut = [dec.push(i) for i in byte_ids(tokenizer, "안녕")[:5]]   # generation ends inside the second syllable
+    assert "".join(cut) + dec.flush() == "안"                        # the cut character is dropped, not U+FFFD
 
 
 def test_earliest_of_several_stop_strings_wins():

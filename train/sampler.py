@@ -175,7 +175,9 @@ class IncrementalDecoder:
         return self._emit(final=len(self.ids) - self.read >= self.max_hold)
 
     def flush(self) -> str:
-        return self._emit(final=True) if self.read < len(self.ids) else ""
+        """The held rest at the end of generation. A character the generation stopped inside (max_new_tokens
+        hit between its bytes) is dropped rather than shown as U+FFFD."""
+        return self._emit(final=True).rstrip("\ufffd") if self.read < len(self.ids) else ""
 
     def _emit(self, final: bool) -> str:
         before = self.decode(self.ids[self.prefix:self.read]) if self.read > self.prefix else ""
