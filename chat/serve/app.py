@@ -18,6 +18,7 @@ object (a bug: 500 with a one-line message; the traceback goes to the server's l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from train.sampler import SamplingConfig
 PAGE_DIR = Path(__file__).resolve().parent / "page"
 PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"), "/page.js": ("page.js", "text/javascript"),
               "/page.css": ("page.css", "text/css")}
-PAGE_CSP = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'"
+PAGE_CSP = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:"
 
 
 @dataclass
@@ -237,10 +238,20 @@ async def _cancel_on_disconnect(request: Request, job) -> None:
             return
 
 
-def create_app(engine: Engine, memory: MemoryDB | None, config: ServerConfig | None = None) -> Starlette:
-    """The ASGI app (run it with uvicorn). `memory` None: the memory routes answer 404 and nothing is stored."""
+def create_app(engine: Engine, memory: MemoryDB | None, config: ServerConfig | None = None, *,
+               close_on_shutdown: bool = False) -> Starlette:
+    """The ASGI app (run it with uvicorn). `memory` None: the memory routes answer 404 and nothing is stored.
+    `close_on_shutdown`: the server's shutdown closes the engine and the database (what the CLI wants)."""
     config = config or ServerConfig()
     app = App(engine, memory, config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_starlette):
+        yield
+        if close_on_shutdown:
+            await asyncio.to_thread(engine.close)
+            if memory is not None:
+                memory.close()
 
     async def api_error(request: Request, exc: ApiError) -> Response:
         return error_response(exc)
@@ -263,7 +274,7 @@ def create_app(engine: Engine, memory: MemoryDB | None, config: ServerConfig | N
               Route("/v1/memory", app.memory_route, methods=["GET", "POST", "DELETE"]),
               Route("/health", app.health, methods=["GET"]),
               *(Route(path, app.page, methods=["GET"]) for path in PAGE_FILES)]
-    starlette = Starlette(routes=routes, middleware=middleware,
+    starlette = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
                           exception_handlers={ApiError: api_error, HTTPException: http_error, 500: server_error})
     starlette.state.app = app
     return starlette

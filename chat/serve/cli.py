@@ -92,7 +92,7 @@ def build_server(argv: list[str] | None = None):
     if opts.host not in LOOPBACK and not api_key:
         print(f"note: --host {opts.host} is reachable from other machines and no --api-key is set: anyone who "
               "can reach it can use the model and read every user's memory", file=sys.stderr)
-    return create_app(engine, memory, config), opts
+    return create_app(engine, memory, config, close_on_shutdown=True), opts
 
 
 @run_cli
@@ -100,12 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     app, opts = build_server(argv)
-    try:
-        uvicorn.run(app, host=opts.host, port=opts.port, log_level="info", access_log=False,
-                    timeout_graceful_shutdown=5)
-    finally:
-        served = app.state.app
-        served.engine.close()
-        if served.memory is not None:
-            served.memory.close()
+    # SIGINT / SIGTERM: uvicorn stops accepting, finishes (or after 5 s drops) open requests, runs the app's
+    # shutdown (engine and database closed), then exits by the same signal, as its convention is
+    uvicorn.run(app, host=opts.host, port=opts.port, log_level="info", access_log=False,
+                timeout_graceful_shutdown=5)
     return 0
