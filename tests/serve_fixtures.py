@@ -117,5 +117,5 @@ def running_server(app, host: str = "127.0.0.1"):
 
 def make_engine(model, tokenizer, *, max_queue: int = 64, max_batch: int = 8, max_prompt_tokens: int = 512):
     """The engine `python -m chat.serve` builds, around a test model."""
-    from chat.serve.engine import SerialEngine
-    return SerialEngine(model, tokenizer, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens)
+    from chat.serve.engine import BatchEngine
+    return BatchEngine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens)

@@ -370,7 +370,7 @@ def test_disconnect_frees_the_slot(tmp_path, tok):
 def test_16_clients_x_10_requests(tmp_path, tok):
     """16 concurrent clients (own user each), 10 requests each, half streamed: no error, and every item a user
     stated is stored exactly once in that user's space."""
-    with echo_server(tmp_path, tok, max_queue=32) as (url, db, _, _):
+    with echo_server(tmp_path, tok, max_queue=32) as (url, db, _, engine):
         errors = []
 
         def run(u):
@@ -402,3 +402,6 @@ def test_16_clients_x_10_requests(tmp_path, tok):
             assert db.user(f"u{u}").items == [f"[사실{i}: 사용자{u}의 값 {i}]" for i in range(10)]
         assert db.conn.execute("SELECT COUNT(*) FROM items").fetchone()[0] == 160
         assert db.integrity() == "ok"
+        stats = engine.stats()
+        assert stats["served"] == 160 and stats["active"] == stats["queued"] == 0
+        assert stats["tokens"] > 2 * stats["steps"]                    # rows really decoded together

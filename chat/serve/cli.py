@@ -39,7 +39,8 @@ class ServeOptions:
     max_body_bytes: int = flag(64 * 1024, range=COUNT, help="largest request body accepted (413 above)")
     max_prompt_tokens: int = flag(512, range=COUNT, help="largest templated prompt in tokens (400 above)")
     max_tokens_cap: int = flag(512, range=COUNT, help="max_tokens a request may ask for (larger values are capped)")
-    max_queue: int = flag(32, range=COUNT, help="requests that may wait for the model (429 beyond)")
+    max_batch: int = flag(8, range=COUNT, help="requests decoded together (continuous batching)")
+    max_queue: int = flag(32, range=COUNT, help="requests that may wait for a free batch row (429 beyond)")
     cors_origin: tuple[str, ...] = flag((), help="allow these browser origins (CORS off unless given)")
     threads: int | None = flag(None, range=COUNT, help="CPU threads for the model (default: torch's)")
 
@@ -58,7 +59,7 @@ def build_parser() -> Parser:
 def build_server(argv: list[str] | None = None):
     """(Starlette app, ServeOptions) from the flags: loads the model, the memory model and the database."""
     from chat.serve.app import ServerConfig, create_app
-    from chat.serve.engine import SerialEngine
+    from chat.serve.engine import BatchEngine
 
     args = build_parser().parse_args(argv)
     opts = config_from_args(ServeOptions, args)
@@ -82,7 +83,8 @@ def build_server(argv: list[str] | None = None):
         if note:
             print(note, file=sys.stderr)
         memory = MemoryDB(opts.memory_store, encoder=encoder)
-    engine = SerialEngine(model, tokenizer, max_queue=opts.max_queue, max_prompt_tokens=opts.max_prompt_tokens)
+    engine = BatchEngine(model, tokenizer, max_batch=opts.max_batch, max_queue=opts.max_queue,
+                         max_prompt_tokens=opts.max_prompt_tokens)
     config = ServerConfig(model_name=opts.model_name, api_key=api_key, max_body_bytes=opts.max_body_bytes,
                           cors_origins=tuple(opts.cors_origin), sampling=sampling,
                           limits=Limits(max_tokens=opts.max_tokens_cap))

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from collections import deque
 from typing import AsyncIterator, Protocol
 
 from core.errors import OhLoRAError
-from train.sampler import SamplingConfig, generate_detailed
+from train.batching import BatchRequest, ContinuousBatcher
+from train.sampler import SamplingConfig
 
 
 class EngineBusy(Exception):
@@ -119,16 +120,21 @@ def finish_reason(reason: str) -> str:
     return "length" if reason == "length" else "stop"
 
 
-class SerialEngine:
-    """Requests one after another on one thread, each decoded alone by `train.sampler.generate_detailed`;
-    `max_queue` requests may wait."""
+class BatchEngine:
+    """Every request decoded in one continuous batch (train.batching.ContinuousBatcher) on the engine's thread:
+    up to `max_batch` rows decode together, a request joins at the next step and leaves when done; up to
+    `max_queue` more wait for a row (EngineBusy beyond). A cancelled job leaves the batch at the next step and
+    gives its queue place back at once."""
 
-    def __init__(self, model, tokenizer, *, max_queue: int = 16, max_prompt_tokens: int = 512):
+    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 32, max_prompt_tokens: int = 512):
         self.model, self.tokenizer = model, tokenizer
-        self.max_prompt_tokens = max_prompt_tokens
-        self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self.max_batch, self.max_queue, self.max_prompt_tokens = max_batch, max_queue, max_prompt_tokens
+        self.batcher = ContinuousBatcher(model, tokenizer, max_batch=max_batch)
+        self.waiting: deque[Job] = deque()
+        self.jobs: dict[int, Job] = {}                # BatchRequest.id -> its job, while in the batcher
+        self.lock = threading.Condition()
         self.closed = False
-        self.served = 0
+        self.served = self.generated = 0
         self.thread = threading.Thread(target=self._run, name="ohlora-engine", daemon=True)
         self.thread.start()
 
@@ -140,45 +146,70 @@ class SerialEngine:
         return ids
 
     def submit(self, prompt: str, config: SamplingConfig) -> Job:
-        if self.closed:
-            raise EngineClosed("the server is shutting down")
         job = Job(prompt, self.encode(prompt), config, asyncio.get_running_loop())
-        try:
-            self.queue.put_nowait(job)
-        except queue.Full:
-            raise EngineBusy(f"all {self.queue.maxsize} queue places are taken") from None
+        with self.lock:
+            if self.closed:
+                raise EngineClosed("the server is shutting down")
+            if len(self.waiting) >= self.max_queue:       # places held by clients that left are given back first
+                self.waiting = deque(j for j in self.waiting if not j.cancelled.is_set())
+            if len(self.waiting) >= self.max_queue:
+                raise EngineBusy(f"{self.max_batch} requests are decoding and {self.max_queue} waiting")
+            self.waiting.append(job)
+            self.lock.notify()
         return job
 
     def stats(self) -> dict:
-        return {"engine": "serial", "queued": self.queue.qsize(), "served": self.served}
+        with self.lock:
+            return {"engine": "continuous-batching", "max_batch": self.max_batch, "active": len(self.jobs),
+                    "queued": len(self.waiting), "served": self.served, "tokens": self.generated,
+                    "steps": self.batcher.steps}
 
     def close(self) -> None:
-        self.closed = True
-        try:
-            self.queue.put_nowait(None)
-        except queue.Full:
-            pass
+        with self.lock:
+            self.closed = True
+            self.lock.notify()
         self.thread.join(timeout=30)
 
-    def _run(self) -> None:
-        while True:
-            job = self.queue.get()
-            if job is None or self.closed:
-                return
-            if job.cancelled.is_set():
-                continue
-
-            def stream(_row: int, piece: str, job=job) -> None:
+    def _admit(self) -> bool:
+        """Move waiting jobs into the batcher's free rows (blocking while there is nothing at all to do).
+        Returns False when the engine is closing."""
+        with self.lock:
+            while not self.closed and not self.waiting and not self.batcher.busy:
+                self.lock.wait()
+            if self.closed:
+                return False
+            while self.waiting and self.batcher.free_rows > 0:
+                job = self.waiting.popleft()
                 if job.cancelled.is_set():
-                    raise Cancelled
-                job.emit(piece)
+                    continue
+                request = BatchRequest(job.prompt_ids, job.config, on_piece=job.emit, cancelled=job.cancelled.is_set)
+                self.jobs[request.id] = job
+                self.batcher.add(request)
+        return True
 
+    def _run(self) -> None:
+        while self._admit():
             try:
-                out = generate_detailed(self.model, self.tokenizer, [job.prompt], job.config, stream=stream)
-                job.finish(Completion(out.texts[0], finish_reason(out.finish_reasons[0]), len(job.prompt_ids),
-                                      len(out.token_ids[0]), out.token_ids[0]))
-            except Cancelled as e:
-                job.fail(e)
-            except Exception as e:  # a bug in decoding must not kill the engine thread: the request gets a 500
-                job.fail(e)
-            self.served += 1
+                finished = self.batcher.step()
+            except Exception as e:  # a failed step fails its requests (HTTP 500), not the engine
+                with self.lock:
+                    jobs, self.jobs = list(self.jobs.values()), {}
+                    self.batcher = ContinuousBatcher(self.model, self.tokenizer, max_batch=self.max_batch)
+                for job in jobs:
+                    job.fail(e)
+                continue
+            for request in finished:
+                with self.lock:
+                    job = self.jobs.pop(request.id)
+                    self.served += 1
+                    self.generated += len(request.token_ids)
+                if request.finish_reason == "cancelled":
+                    job.fail(Cancelled())
+                else:
+                    job.finish(Completion(request.text, finish_reason(request.finish_reason),
+                                          len(request.prompt_ids), len(request.token_ids), request.token_ids))
+        with self.lock:                                  # closing: nobody will decode what is left
+            left = list(self.jobs.values()) + list(self.waiting)
+            self.jobs, self.waiting = {}, deque()
+        for job in left:
+            job.fail(EngineClosed("the server is shutting down"))
