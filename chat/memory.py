@@ -8,10 +8,13 @@ is encoded as a query and the items as passages (e5's `query: ` / `passage: ` pr
 from its folder's config; MiniLM has none). Item embeddings are cached per item text and model, so a query
 costs one encode.
 
-e.g. `[오늘 일정: 친구랑 카페 방문] 오늘 뭐 해?`. A store is a text file with one `[key: value]` item per line
-(like the original's memory file; blank lines and lines starting with `#` are skipped) or a JSON list of such
-strings (a `.json` file). Keys are unique: adding an item whose key is already stored replaces the old value
-(the newest fact wins, e.g. a new `[오늘 일정: …]`), an identical item is ignored.
+e.g. `[오늘 일정: 친구랑 카페 방문] 오늘 뭐 해?`. The search (`MemorySearch`: threshold, embedding cache,
+ranking, recall, storing an answer's items) is shared by every store: `MemoryStore` here (a list, or a file) and
+`chat.memory_db.UserMemory` (one user's items in the server's SQLite database). A `MemoryStore` file is a text
+file with one `[key: value]` item per line (like the original's memory file; blank lines and lines starting with
+`#` are skipped) or a JSON list of such strings (a `.json` file). Keys are unique: adding an item whose key is
+already stored replaces the old value (the newest fact wins, e.g. a new `[오늘 일정: …]`), an identical item is
+ignored.
 
 CLI: `python -m chat.memory --query "오늘 뭐 해?" [--model DIR] [--memory-store FILE] [--top K] [--threshold T]`.
 """

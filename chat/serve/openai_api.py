@@ -69,7 +69,8 @@ def _number(body: dict, name: str, lo: float, hi: float, *, integer: bool = Fals
     if value is None:
         return None
     kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or (isinstance(value, float) and not math.isfinite(value)):
+    finite = not isinstance(value, float) or math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, kind) or not finite:
         raise _bad(f"{name}: expected {'an integer' if integer else 'a number'}, got {value!r}", name)
     if value < lo or value > hi or (lo_open and value == lo):
         raise _bad(f"{name}: must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {value}", name)

@@ -41,7 +41,11 @@ function note(li, text) {
 }
 
 async function errorText(response) {
-  try { return (await response.json()).error.message; } catch (e) { return response.status + " " + response.statusText; }
+  try {
+    return (await response.json()).error.message;
+  } catch (e) {
+    return response.status + " " + response.statusText;
+  }
 }
 
 async function refresh() {
