@@ -60,7 +60,7 @@ def worker(args: argparse.Namespace) -> None:
         from lora import LoRAConfig, inject_lora
 
         dtype = torch.bfloat16 if args.bf16 else torch.float32
-        from train.models import inspect_model
+        from infer.models import inspect_model
         lora_cfg = LoRAConfig(r=args.lora_r, alpha=2 * args.lora_r, dropout=0.0,
                               target_modules=list(inspect_model(args.model).lora_targets))
         t0 = time.perf_counter()
@@ -68,7 +68,7 @@ def worker(args: argparse.Namespace) -> None:
             from train.fsdp_model import build_fsdp_lora_model
             _, module, _ = build_fsdp_lora_model(args.model, dtype, lora_cfg, 0, info, CausalLMLoss)
         else:
-            from train.models import load_base_model
+            from infer.models import load_base_model
             model = load_base_model(args.model, dtype=dtype, device=info.device)
             torch.manual_seed(0)
             inject_lora(model, lora_cfg)

@@ -1,4 +1,4 @@
-"""Decoding speed: our sampler (train.sampler) vs HF `generate`, and the weight-read bound.
+"""Decoding speed: our sampler (infer.sampler) vs HF `generate`, and the weight-read bound.
 
     flock /tmp/ohlora-heavy.lock python -m bench.generate [--new-tokens 80] [--prompt-len 32] [--repeats 2]
 
@@ -33,7 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from core.onednn import pack_linears  # noqa: E402
-from train.sampler import SamplingConfig, generate_ids  # noqa: E402
+from infer.sampler import SamplingConfig, generate_ids  # noqa: E402
 
 
 def measure_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:

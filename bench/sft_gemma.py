@@ -10,7 +10,7 @@ Linears q,k,v,o,gate,up,down, AdamW at the same lr, one warm-up step on a separa
 
 * ours: weights in bf16 where oneDNN runs it natively (core.onednn.native_bf16; else fp32) + bf16 autocast,
   length-bucketed batches, LM head + cross-entropy only on the answer positions (train.loss.CausalLMLoss), fused
-  AdamW. Decoding: the adapter-free base with `pack_linears` (what `python -m chat` runs), train.sampler.
+  AdamW. Decoding: the adapter-free base with `pack_linears` (what `python -m chat` runs), infer.sampler.
 * HF at its best CPU settings (not its defaults): `from_pretrained(folder, dtype=torch.bfloat16,
   attn_implementation="sdpa")` where the folder is the GGUF converted once to bf16 safetensors (`gemma.convert`,
   cached under /tmp; transformers' Trainer refuses a model loaded with `gguf_file=`: "QuantizationMethod.GGUF
@@ -102,7 +102,7 @@ def train_ours(args) -> dict:
     from data.sft import Example, collate, length_bucketed_batches
     from lora import LoRAConfig, inject_lora
     from train.loop import LoopConfig, Trainer
-    from train.models import load_causal_lm
+    from infer.models import load_causal_lm
     from train.loss import CausalLMLoss
 
     dtype, s = our_dtype(), lora_settings()
@@ -137,8 +137,8 @@ def infer_ours(args) -> dict:
     import torch
 
     from core.onednn import pack_linears
-    from train.models import load_causal_lm
-    from train.sampler import SamplingConfig, generate_batch
+    from infer.models import load_causal_lm
+    from infer.sampler import SamplingConfig, generate_batch
 
     model, tok = load_causal_lm(gguf_path(), dtype=our_dtype())
     pack_linears(model)                                   # as python -m chat does
@@ -176,7 +176,7 @@ def _hf_model():
 
 
 def _our_tokenizer():
-    from train.models import inspect_model, load_tokenizer
+    from infer.models import inspect_model, load_tokenizer
     return load_tokenizer(inspect_model(gguf_path()))
 
 

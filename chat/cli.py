@@ -37,8 +37,9 @@ from chat.memory import MemorySearch, MemoryStore, TextEncoder, load_memory_enco
 from chat.memory_db import MemoryDB, is_sqlite_path
 from sbert.bases import TRAINED_DIR
 from data.memory_items import ItemFilter, strip_memory_items
-import train.sampler
-from train.sampler import PrefixCache, SamplingConfig, generate
+import infer.sampler
+from infer.prefix_cache import PrefixCache
+from infer.sampler import SamplingConfig, generate
 
 DEFAULT_BASE = Path("runs/sft/base")
 DEFAULT_ADAPTER = Path("runs/sft/best")
@@ -86,7 +87,7 @@ class ChatSession:
         item_filter = ItemFilter(stream) if stream is not None else None
         on_piece = (lambda _row, piece: item_filter.feed(piece)) if item_filter is not None else None
         generate_fn = self.generate_fn or generate   # looked up at call time (tests patch chat.cli.generate)
-        extra = {"prefix_cache": self.prefix_cache} if generate_fn is train.sampler.generate else {}
+        extra = {"prefix_cache": self.prefix_cache} if generate_fn is infer.sampler.generate else {}
         raw = generate_fn(self.model, self.tokenizer, [prompt], self.config, stream=on_piece, **extra)[0]
         if item_filter is not None:
             item_filter.close()
@@ -127,13 +128,13 @@ def resolve_model_dirs(model: str | Path | None, adapter: str | Path | None) -> 
 
 def load_chat_model(model_path: Path, adapter_dir: Path | None, dtype: torch.dtype = torch.float32,
                     pack: bool = True):
-    """(merged model in eval mode, tokenizer) from a base of any family (train.models: an HF folder or a GGUF
+    """(merged model in eval mode, tokenizer) from a base of any family (infer.models: an HF folder or a GGUF
     file, the tokenizer next to it or in it) and an optional PEFT adapter.
 
     With `pack` (CPU), linear weights are pre-packed for oneDNN (core.onednn): faster decoding, same
     numbers (bitwise in bf16); the model is then inference-only."""
     from lora import load_adapter, merge_lora
-    from train.models import load_causal_lm
+    from infer.models import load_causal_lm
 
     model, tokenizer = load_causal_lm(model_path, dtype=dtype)
     if adapter_dir is not None:

@@ -5,13 +5,16 @@
 
 The base defaults to the adapter's own record of it (adapter_config.json `base_model_name_or_path`, which
 `train.sft` writes: a .gguf file or an HF folder); `--model PATH` overrides it. The model is loaded in fp32
-(train.models.load_causal_lm), the adapter loaded (lora.load_adapter) and merged (lora.merge_lora), then:
+(infer.models.load_causal_lm), the adapter loaded (lora.load_adapter) and merged (lora.merge_lora), then:
 
 * `--hf`: config.json + model.safetensors + the tokenizer files (from the base folder, or rebuilt from the
-  GGUF's metadata): transformers' AutoModelForCausalLM / AutoTokenizer and our loaders read it. Either family.
-* `--gguf`: a llama.cpp / Ollama file (gemma/gguf_write.py), 2-D tensors F16, BF16 or Q8_0, norms F32, the
-  tokenizer metadata carried over from the base GGUF (or rebuilt from the base folder's tokenizer.json).
-  Gemma only: a GPT-NeoX base exports with --hf, then llama.cpp's convert_hf_to_gguf.py.
+  GGUF's metadata): transformers' AutoModelForCausalLM / AutoTokenizer and our loaders read it. Any family.
+* `--gguf`: a llama.cpp / Ollama file by the family's GGUF writer (Gemma: gemma/gguf_write.py), 2-D tensors
+  F16, BF16 or Q8_0, norms F32, the tokenizer metadata carried over from the base GGUF (or rebuilt from the
+  base folder's tokenizer.json). Families without a writer (GPT-NeoX) export with --hf, then llama.cpp's
+  convert_hf_to_gguf.py.
+
+Everything family-specific comes from the family registry (core/registry.py).
 
 Outputs are written atomically (complete or absent). Bad input: one line naming the flag or file, exit code 2.
 """
@@ -27,7 +30,8 @@ import torch
 from core.atomic import atomic_write_dir
 from core.cli import Parser, check_dir, check_output_dir, check_output_file, run_cli
 from core.errors import OhLoRAError
-from train.models import check_model_path, inspect_model
+from core.registry import families
+from infer.models import ModelSource, check_model_path, inspect_model, load_base_model, load_causal_lm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 GGUF_TYPES = ("f16", "bf16", "q8_0")
@@ -59,48 +63,35 @@ def base_path(adapter: str | Path, model: str | None) -> Path:
     return Path(recorded)
 
 
-def merged_model(adapter: str | Path, source):
-    """(merged model in fp32, eval; the opened GGUFFile of a GGUF base or None): the base (a train.models
-    ModelSource) loaded, the adapter loaded onto it and merged in."""
+def merged_model(adapter: str | Path, source: ModelSource):
+    """The merged model in fp32, eval: the base (an infer.models ModelSource) loaded, the adapter loaded onto
+    it and merged in. A GGUF base's file stays open in `source.gguf` for the export's tokenizer metadata."""
     from lora import load_adapter, merge_lora
-    from train.models import load_causal_lm
 
-    gguf_file = None
-    if source.format == "gguf":  # parsed once (262k vocabulary pieces: seconds): weights + tokenizer metadata
-        from gemma.gguf_io import GGUFFile
-        from gemma.load import load_gguf
-
-        gguf_file = GGUFFile.open(source.path)
-        model = load_gguf(gguf_file, torch.float32)
+    if source.format == "gguf":  # the tokenizer is the GGUF's own metadata: nothing to check it against
+        model = load_base_model(source, torch.float32)
     else:
-        model, _ = load_causal_lm(source.path, torch.float32)  # checks the tokenizer fits the model, too
+        model, _ = load_causal_lm(source, torch.float32)  # checks the tokenizer fits the model, too
     load_adapter(model, adapter)
-    return merge_lora(model).eval(), gguf_file
+    return merge_lora(model).eval()
 
 
-def check_gguf_family(source) -> None:
-    if source.package != "gemma":
-        raise ExportError(f"--gguf: GGUF export supports Gemma-2 / Gemma-3 bases only, and {source.path} is "
-                          f"GPT-NeoX; export it with --hf OUT_DIR and convert that folder with llama.cpp's "
-                          f"convert_hf_to_gguf.py")
+def check_gguf_family(source: ModelSource) -> None:
+    if source.family.export_gguf is None:
+        writers = " or ".join(f.title for f in families() if f.export_gguf is not None) or "no"
+        raise ExportError(f"--gguf: GGUF export supports {writers} bases only, and {source.path} is "
+                          f"{source.family.title}; export it with --hf OUT_DIR and convert that folder with "
+                          f"llama.cpp's convert_hf_to_gguf.py")
 
 
-def export_hf(model, source, out_dir: str | Path, dtype: torch.dtype = torch.float32, gguf_file=None) -> Path:
+def export_hf(model, source: ModelSource, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     """Merged weights + config + tokenizer files as one new HF folder (swapped in whole)."""
-    if source.package == "gemma":  # each family writes its own config.json and tied-weight convention
-        from gemma.load import save_pretrained
-    else:
-        from gptneox.load import save_pretrained
     model = model.to(dtype)
 
     def write(tmp: Path) -> None:
-        save_pretrained(model, tmp)
-        if source.format == "gguf":  # the tokenizer lives in the GGUF's metadata: rebuilt as gemma.convert does
-            from gemma.gguf_io import GGUFFile
-            from gemma.tokenizer import tokenizer_files, tokenizer_from_gguf
-
-            f = gguf_file or GGUFFile.open(source.path)
-            for name, text in tokenizer_files(tokenizer_from_gguf(f), f).items():
+        source.family.save_hf(model, tmp)  # each family writes its own config.json and tied-weight convention
+        if source.format == "gguf":  # the tokenizer lives in the GGUF's metadata: rebuilt as the family says
+            for name, text in source.family.gguf_tokenizer_files(source.gguf).items():
                 (tmp / name).write_text(text, encoding="utf-8")
         else:
             for name in TOKENIZER_FILES:
@@ -110,17 +101,11 @@ def export_hf(model, source, out_dir: str | Path, dtype: torch.dtype = torch.flo
     return atomic_write_dir(out_dir, write)
 
 
-def export_gguf(model, source, out: str | Path, kind: str = "f16", gguf_file=None) -> Path:
-    """Merged Gemma model as a GGUF file with 2-D tensors in `kind` (f16 | bf16 | q8_0)."""
-    from gemma.gguf_write import tokenizer_metadata, write_gguf
-
+def export_gguf(model, source: ModelSource, out: str | Path, kind: str = "f16") -> Path:
+    """Merged model as a GGUF file with 2-D tensors in `kind` (f16 | bf16 | q8_0), by the family's writer."""
     check_gguf_family(source)
-    if source.format == "gguf":
-        from gemma.gguf_io import GGUFFile
-        metadata = (gguf_file or GGUFFile.open(source.path)).metadata  # tokenizer.*, general.license carried over
-    else:
-        metadata = tokenizer_metadata(source.path)
-    return write_gguf(model, out, kind, metadata=metadata, name=Path(out).stem)
+    return source.family.export_gguf(model, out, kind, source.path,
+                                     source.gguf if source.format == "gguf" else None)
 
 
 @run_cli  # ExportError / AdapterError / ModelPathError / GGUFError (OhLoRAError) and OSError -> one line, exit 2
@@ -147,19 +132,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.gguf:
         check_gguf_family(source)  # before minutes of loading
     t0 = time.perf_counter()
-    model, gguf_file = merged_model(args.adapter, source)
+    model = merged_model(args.adapter, source)
     if args.gguf:
-        path = export_gguf(model, source, args.gguf, args.type, gguf_file)
+        path = export_gguf(model, source, args.gguf, args.type)
         what = f"GGUF, {args.type}"
     else:
-        path = export_hf(model, source, args.hf, DTYPES[args.dtype], gguf_file)
+        path = export_hf(model, source, args.hf, DTYPES[args.dtype])
         what = f"HF folder, {args.dtype}"
     size = sum(p.stat().st_size for p in ([path] if path.is_file() else path.iterdir()))
     print(f"wrote {path} ({what}, {size / 1e6:.1f} MB): {base} + {args.adapter} merged, "
           f"in {time.perf_counter() - t0:.1f} s")
-    if source.package == "gemma":
-        print("note: a Gemma derivative: using or sharing it is subject to the Gemma Terms of Use "
-              "(https://ai.google.dev/gemma/terms)")
+    if source.family.derivative_notice:
+        print(source.family.derivative_notice)
     return 0
 
 

@@ -33,12 +33,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.gguf_header import GGUF_MAGIC
 from core.safetensors_io import CheckpointError
 
 from .config import ConfigError, GemmaConfig
 
 ARCHITECTURES = {"gemma2": "gemma2", "gemma3": "gemma3_text"}  # GGUF general.architecture -> HF model_type
-GGUF_MAGIC = b"GGUF"
 CHUNK_BYTES = 8 << 20  # dequantise this much fp32 output at a time
 
 # GGUF tensor name -> HF checkpoint key ({i} = layer); transformers derives the same table from gguf's

@@ -31,7 +31,7 @@ from core.atomic import atomic_write_file
 from core.jsonio import read_json
 
 from .config import DEFAULTS, default_layer_types
-from .gguf_io import LARGE_27B_LAYERS, GGUFError, StringArray, _gguf_name
+from .gguf_io import LARGE_27B_LAYERS, GGUFError, GGUFFile, StringArray, _gguf_name
 from .model import GemmaForCausalLM
 from .tokenizer import CONTROL, USER_DEFINED
 
@@ -248,3 +248,12 @@ def write_gguf(model: GemmaForCausalLM, path: str | os.PathLike, kind: str = "f1
 
     return atomic_write_file(path, write)
 
+
+
+def export_gguf(model: GemmaForCausalLM, path: str | os.PathLike, kind: str, base: str | os.PathLike,
+                base_gguf: GGUFFile | None = None) -> Path:
+    """A merged fine-tune of `base` as a GGUF file: the tokenizer metadata (and general.license) carried over
+    from the base GGUF when it is one (`base_gguf`, already opened), else rebuilt from the base folder's
+    tokenizer.json."""
+    metadata = base_gguf.metadata if base_gguf is not None else tokenizer_metadata(base)
+    return write_gguf(model, path, kind, metadata=metadata, name=Path(path).stem)

@@ -24,7 +24,7 @@ from core.safetensors_io import (CheckpointError, SafetensorsFile, assign_state,
                                  save_folder, weight_files)
 
 from .config import GemmaConfig
-from .gguf_io import GGUF_MAGIC, GGUFFile
+from .gguf_io import GGUFFile
 from .model import GemmaForCausalLM
 
 # Buffers some checkpoints carry that are not weights, and a multimodal checkpoint's vision half: skipped.
@@ -48,11 +48,12 @@ def _text_key(key: str) -> str:
 
 
 def load_model(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> GemmaForCausalLM:
-    """GemmaForCausalLM from an HF folder (config.json + model.safetensors or shards), eval mode, in `dtype`."""
+               device: str | torch.device = "cpu", config: GemmaConfig | None = None) -> GemmaForCausalLM:
+    """GemmaForCausalLM from an HF folder (config.json + model.safetensors or shards), eval mode, in `dtype`.
+    `config`: the folder's config when the caller has read it already."""
     folder = Path(folder)
     files = [SafetensorsFile(path) for path in weight_files(folder)]
-    config = GemmaConfig.from_json(folder / "config.json")
+    config = config or GemmaConfig.from_json(folder / "config.json")
     with torch.device("meta"):
         model = GemmaForCausalLM(config)
     optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
@@ -73,14 +74,6 @@ def load_gguf(path: str | os.PathLike | GGUFFile, dtype: torch.dtype = torch.flo
     optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
     state = f.read_state(dtype, expected_shapes(config), optional)
     return assign_state(model, {k: v.to(device) for k, v in state.items()}, f.path)
-
-
-def is_gguf(path: str | os.PathLike) -> bool:
-    path = Path(path)
-    if not path.is_file():
-        return False
-    with open(path, "rb") as fh:
-        return fh.read(4) == GGUF_MAGIC
 
 
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,

@@ -22,17 +22,14 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
-from core.errors import OhLoRAError
+from core.tokenizer import Tokenizer as TokenizerWrapper
+from core.tokenizer import TokenizerError
 
 from .gguf_io import GGUFError, GGUFFile
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types
 SPECIAL_ROLES = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
                  "pad_token": "padding_token_id"}
-
-
-class TokenizerError(OhLoRAError):
-    """A tokenizer source we cannot use (the message names the file and the problem)."""
 
 
 def _respell(piece: str) -> str:
@@ -101,6 +98,18 @@ def tokenizer_from_gguf(path: str | os.PathLike | GGUFFile) -> Tokenizer:
             single=seq("$A", 0), pair=f"{seq('$A', 0)} {seq('$B', 1)}",
             special_tokens=[(t, vocab[t]) for t in dict.fromkeys(x for x in (bos, eos) if x)])
     return tok
+
+
+def load_gguf_tokenizer(f: GGUFFile) -> TokenizerWrapper:
+    """The project's tokenizer interface (core.tokenizer) over a GGUF's vocabulary, with its special tokens."""
+    names = special_tokens(f)
+    return TokenizerWrapper(tokenizer_from_gguf(f), eos_token=names["eos_token"], pad_token=names["pad_token"],
+                            bos_token=names["bos_token"], source=str(f.path))
+
+
+def gguf_tokenizer_files(f: GGUFFile) -> dict[str, str]:
+    """The HF tokenizer files of a GGUF's vocabulary (what an HF folder exported from a GGUF base carries)."""
+    return tokenizer_files(tokenizer_from_gguf(f), f)
 
 
 def tokenizer_files(tok: Tokenizer, f: GGUFFile) -> dict[str, str]:

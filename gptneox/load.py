@@ -39,15 +39,15 @@ def expected_shapes(config: GPTNeoXConfig) -> dict[str, tuple[int, ...]]:
 
 
 def load_model(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> GPTNeoXForCausalLM:
+               device: str | torch.device = "cpu", config: GPTNeoXConfig | None = None) -> GPTNeoXForCausalLM:
     """Build GPTNeoXForCausalLM from an HF folder (config.json + model.safetensors or sharded safetensors).
 
     Returns the model in eval mode, weights in `dtype` on `device`. Missing/unexpected keys or shape mismatches
-    raise CheckpointError listing all of them.
+    raise CheckpointError listing all of them. `config`: the folder's config when the caller has read it already.
     """
     folder = Path(folder)
     files = [SafetensorsFile(path) for path in weight_files(folder)]
-    config = GPTNeoXConfig.from_json(folder / "config.json")
+    config = config or GPTNeoXConfig.from_json(folder / "config.json")
     with torch.device("meta"):
         model = GPTNeoXForCausalLM(config)
     optional = {"embed_out.weight"} if config.tie_word_embeddings else set()

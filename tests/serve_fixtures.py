@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from data.sft import PromptTemplate
-from gptneox.tokenizer import Tokenizer
+from core.tokenizer import Tokenizer
 from tests.neox_fixtures import KOREAN_TEXTS, train_tiny_tokenizer
 
 STOP = "(답변 종료)"

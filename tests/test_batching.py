@@ -1,4 +1,4 @@
-"""train.batching: continuous batching. Requests that join and leave a running batch get the answer they get alone
+"""infer.batching: continuous batching. Requests that join and leave a running batch get the answer they get alone
 (greedy: the same tokens; seeded sampling: the same draws), each with its own settings and stop strings; cancelled
 rows leave at once; the cache keeps only columns some row still needs."""
 from __future__ import annotations
@@ -8,8 +8,8 @@ import torch
 
 from tests.serve_fixtures import STOP, EchoLM, echo_tokenizer
 from tests.test_sampler import _tiny_gemma, tiny_model
-from train.batching import BatchRequest, ContinuousBatcher
-from train.sampler import SamplingConfig, generate_batch, generate_detailed
+from infer.batching import BatchRequest, ContinuousBatcher
+from infer.sampler import SamplingConfig, generate_batch, generate_detailed
 
 
 class IdTokenizer:

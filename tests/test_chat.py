@@ -9,7 +9,7 @@ import chat.cli as chat
 from chat.cli import ChatError, ChatSession
 from chat.memory import MemoryStore
 from data.memory_items import ItemFilter, strip_memory_items
-from train.sampler import SamplingConfig
+from infer.sampler import SamplingConfig
 
 TEMPLATE_TAIL = " (답변 시작) ### 답변:"
 
@@ -210,7 +210,7 @@ def test_turns_reuse_the_kv_cache_prefix(model_and_adapter, tmp_path):
     """Real sampler, tiny model: replies with the session's prefix cache equal those without (greedy); the
     shared prefix between turns is what the single-turn template allows — the memory item in front when the
     same item is recalled, else (nearly) nothing — and a prompt repeated is prefilled from its last token."""
-    import train.sampler as sampler
+    import infer.sampler as sampler
     base, adapter = model_and_adapter
     model, tok = chat.load_chat_model(base, adapter)
     cfg = SamplingConfig(do_sample=False, max_new_tokens=10)

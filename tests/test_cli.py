@@ -100,7 +100,7 @@ def test_run_cli_returns_argparse_exit_codes():
 
 
 def test_check_config_names_the_field():
-    from train.sampler import SamplingConfig
+    from infer.sampler import SamplingConfig
     with pytest.raises(ValueError, match="SamplingConfig: temperature must be a finite number, got nan"):
         SamplingConfig(temperature=float("nan"))
     with pytest.raises(ValueError, match=r"SamplingConfig: top_p must be in \(0, 1\], got 0"):

@@ -14,6 +14,8 @@ CSV_PATH = Path(__file__).resolve().parents[1] / "data" / "ohlora_sft.csv"
 MEMORY_ITEM = re.compile(r"\[[^\[\]:]+: [^\[\]]+\]")
 LEADING_MEMORY_ITEM = re.compile(r"^\[[^\[\]:]+: [^\[\]]+\] ")
 TEMPLATE_MARKERS = ("(답변 종료)", "(답변 시작)", "### 답변:", "<|endoftext|>")
+CATEGORIES = {"general", "small_talk", "persona", "feelings_support", "states_fact", "memory_in_front", "rude",
+              "controversial", "beyond_companion", "special", "varied"}
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +40,16 @@ def test_utf8_without_bom(raw_bytes: bytes) -> None:
 
 def test_columns_exact(raw_bytes: bytes) -> None:
     header = next(csv.reader(io.StringIO(raw_bytes.decode("utf-8"), newline="")))
-    assert header == ["split", "input_data", "output_data"]
+    assert header == ["split", "input_data", "output_data", "category"]
 
 
 def test_split_values_and_counts(rows: list[dict[str, str]]) -> None:
     assert {r["split"] for r in rows} == {"train", "valid"}
-    assert len(_split(rows, "train")) >= 250
-    assert len(_split(rows, "valid")) >= 45
+    assert len(_split(rows, "train")) >= 950
+    assert len(_split(rows, "valid")) >= 100
+    # every row names its category (data/persona.md's categories; `general` = the first 320 rows' rest)
+    assert {r["category"] for r in rows} <= CATEGORIES
+    assert {r["category"] for r in _split(rows, "valid")} == CATEGORIES
 
 
 def test_no_empty_cells(rows: list[dict[str, str]]) -> None:

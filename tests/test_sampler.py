@@ -1,13 +1,13 @@
-"""train.sampler: KV cache vs recompute, stop strings over split tokens, per-row stopping, HF parity, streaming."""
+"""infer.sampler: KV cache vs recompute, stop strings over split tokens, per-row stopping, HF parity, streaming."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from gptneox.tokenizer import Tokenizer
+from core.tokenizer import Tokenizer
 from tests.neox_fixtures import KOREAN_TEXTS, save_tiny_hf_neox, train_tiny_tokenizer
-from train.sampler import (IncrementalDecoder, SamplingConfig, apply_repetition_penalty, apply_top_k, apply_top_p,
+from infer.sampler import (IncrementalDecoder, SamplingConfig, apply_repetition_penalty, apply_top_k, apply_top_p,
                            banned_by_ngrams,
                            generate, generate_batch, generate_ids, stop_prefix_len)
 
@@ -141,9 +141,9 @@ def test_incremental_decoder_holds_incomplete_utf8(tokenizer):
 
 
 def test_earliest_of_several_stop_strings_wins():
-    from train.sampler import _RowText
+    from infer.sampler import RowText
     vocab = {1: "안녕 ", 2: "xA y B z", 3: "C"}
-    row = _RowText(lambda ids: "".join(vocab[i] for i in ids), ("B", "A"), 0, None)
+    row = RowText(lambda ids: "".join(vocab[i] for i in ids), ("B", "A"), 0, None)
     assert row.push(1) is False and row.push(2) is True       # both complete in one piece: "A" comes first
     assert row.finish() == "안녕 x"
 
@@ -350,7 +350,8 @@ def test_prefix_cache_reuse_equals_fresh_and_prefills_less(family, tmp_path):
     """Turns sharing a prefix with what the cache holds (previous prompt + answer) prefill only the rest, and
     the greedy answers equal a fresh cache's; a different prompt, a retry and another model are handled. The
     Gemma model's sliding window (6) is far shorter than the reused prefixes."""
-    from train.sampler import PrefixCache, generate_batch
+    from infer.prefix_cache import PrefixCache
+    from infer.sampler import generate_batch
     model = tiny_model() if family == "gpt_neox" else _tiny_gemma(tmp_path)
     vocab = model.config.vocab_size
     rand = lambda n, s: torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(s)).tolist()  # noqa
@@ -387,7 +388,8 @@ def test_prefix_cache_reuse_equals_fresh_and_prefills_less(family, tmp_path):
 
 
 def test_prefix_cache_ignored_for_batches_and_padding():
-    from train.sampler import PrefixCache, generate_batch
+    from infer.prefix_cache import PrefixCache
+    from infer.sampler import generate_batch
     model, pc = tiny_model(), PrefixCache()
     ids = torch.randint(3, 320, (2, 6), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)

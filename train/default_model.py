@@ -36,6 +36,7 @@ from data.sft import PromptTemplate, load_sft_csv
 from core.atomic import atomic_write_dir
 
 FINGERPRINT_FILE = "ohlora_default.json"
+BASE_MODEL_TYPE = "gpt_neox"  # the tiny base's architecture (Polyglot-Ko's), built through the family registry
 SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>")
 
 
@@ -117,9 +118,7 @@ def build_default_base(folder: str | Path, data_path: str | Path | None = None,
                        spec: DefaultModelSpec | None = None, progress: bool = True,
                        template: PromptTemplate | None = None) -> Path:
     """Build (or reuse, when its fingerprint matches) the tiny default base model in `folder`."""
-    from gptneox.config import GPTNeoXConfig
-    from gptneox.load import save_pretrained
-    from gptneox.model import GPTNeoXForCausalLM
+    from core.registry import family_for_model_type
     from train.distributed import DistInfo
     from train.loop import LoopConfig, Trainer
 
@@ -141,14 +140,15 @@ def build_default_base(folder: str | Path, data_path: str | Path | None = None,
                 [template.prompt("") + template.answer_text("")] * 20
     tok = train_tokenizer(all_texts, spec.vocab_size)
     eos_id = tok.token_to_id(SPECIAL_TOKENS[0])
-    config = GPTNeoXConfig(vocab_size=tok.get_vocab_size(), hidden_size=spec.hidden_size,
-                           num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
-                           intermediate_size=spec.intermediate_size, rotary_pct=spec.rotary_pct,
-                           max_position_embeddings=spec.max_position_embeddings, use_parallel_residual=True,
-                           tie_word_embeddings=False, hidden_act="gelu", bos_token_id=eos_id,
-                           eos_token_id=eos_id)
+    family = family_for_model_type(BASE_MODEL_TYPE)
+    config = family.config_class.from_dict(dict(
+        model_type=BASE_MODEL_TYPE, vocab_size=tok.get_vocab_size(), hidden_size=spec.hidden_size,
+        num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
+        intermediate_size=spec.intermediate_size, rotary_pct=spec.rotary_pct,
+        max_position_embeddings=spec.max_position_embeddings, use_parallel_residual=True, tie_word_embeddings=False,
+        hidden_act="gelu", bos_token_id=eos_id, eos_token_id=eos_id), source="the tiny default base")
     torch.manual_seed(spec.seed)
-    model = GPTNeoXForCausalLM(config)
+    model = family.model_class(config)
     # Documents: questions (all rows) and training answers — validation answers stay unseen.
     # Each question and each training answer is its own document, wrapped in its half of the template, so the
     # marker tokens get trained embedding rows; a question is never followed by its answer here — pairing
@@ -173,7 +173,7 @@ def build_default_base(folder: str | Path, data_path: str | Path | None = None,
             tokens_in_batch=lambda b: int(b["input_ids"].numel())).fit()
 
     def write(tmp: Path) -> None:
-        save_pretrained(model.eval(), tmp)
+        family.save_hf(model.eval(), tmp)
         save_tokenizer(tok, tmp)
         (tmp / FINGERPRINT_FILE).write_text(json.dumps(
             {"fingerprint": fingerprint, "data": str(data_path), "spec": asdict(spec),

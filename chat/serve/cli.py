@@ -19,7 +19,7 @@ from chat.cli import ChatError, ChatOptions, load_chat_model, load_memory_model,
 from chat.memory_db import MemoryDB, is_sqlite_path
 from chat.serve.openai_api import Limits
 from core.cli import COUNT, Parser, add_config_flags, choose_dtype, config_from_args, flag, run_cli
-from train.sampler import SamplingConfig
+from infer.sampler import SamplingConfig
 
 DEFAULT_DB = Path("runs/memory.sqlite")
 API_KEY_ENV = "OHLORA_API_KEY"

@@ -20,8 +20,8 @@ from collections import deque
 from typing import AsyncIterator, Protocol
 
 from core.errors import OhLoRAError
-from train.batching import BatchRequest, ContinuousBatcher
-from train.sampler import SamplingConfig
+from infer.batching import BatchRequest, ContinuousBatcher
+from infer.sampler import SamplingConfig
 
 
 class EngineBusy(Exception):
@@ -121,7 +121,7 @@ def finish_reason(reason: str) -> str:
 
 
 class BatchEngine:
-    """Every request decoded in one continuous batch (train.batching.ContinuousBatcher) on the engine's thread:
+    """Every request decoded in one continuous batch (infer.batching.ContinuousBatcher) on the engine's thread:
     up to `max_batch` rows decode together, a request joins at the next step and leaves when done; up to
     `max_queue` more wait for a row (EngineBusy beyond). A cancelled job leaves the batch at the next step and
     gives its queue place back at once."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from chat.memory_db import check_user
 from data.memory_items import MemoryFormatError
-from train.sampler import SamplingConfig
+from infer.sampler import SamplingConfig
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOPS = 4

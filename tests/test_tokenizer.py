@@ -5,7 +5,7 @@ import pytest
 import torch
 from neox_fixtures import KOREAN_TEXTS, train_tiny_tokenizer
 
-from gptneox import Tokenizer, TokenizerError
+from core.tokenizer import Tokenizer, TokenizerError
 
 EXTRA = ["", "   띄어쓰기   여러 칸  ", "이모지 😀 와 한자 漢字", "<|endoftext|>가 중간에<|endoftext|>"]
 

@@ -1,4 +1,8 @@
-"""A thin wrapper around `tokenizers.Tokenizer` (tokenizer.json) with HF's special-token files.
+"""The one tokenizer interface of every causal-LM family: a thin wrapper around `tokenizers.Tokenizer` with
+HF's special-token files (encode / decode / batch_encode / eos_token_id / pad_token_id / check_fits).
+
+It lives in core/ because the families build it (gemma/: from a GGUF's metadata) and everything above them
+uses it (infer/ loads it for any HF folder, data/ encodes with its interface, train/ and chat/ through infer/).
 
 Special tokens come from `tokenizer_config.json`, overridden by `special_tokens_map.json` as transformers does
 (values may be a string or a dict with "content"); eos defaults to `<|endoftext|>` when the vocabulary has it, and pad defaults to eos.

@@ -27,7 +27,7 @@ step, never a re-decode of the whole answer:
 * Streaming holds back the longest tail that could still become a stop string (and trailing whitespace, so the
   concatenated stream equals the returned, stripped answer exactly).
 
-Batch-1 prefix reuse (`PrefixCache`, what `python -m chat` passes): the KV cache of the previous call is kept
+Batch-1 prefix reuse (`infer.prefix_cache.PrefixCache`, what `python -m chat` passes): the KV cache of the previous call is kept
 with the ids it holds (that prompt + its answer but the last token); the next prompt prefills only what follows
 the longest shared token prefix (`KVCache.truncate` drops the rest). Chat turns share little (each turn's
 prompt is one templated message), but a retried empty answer re-prefills only its last prompt token.
@@ -43,8 +43,8 @@ from typing import Callable, Sequence
 import torch
 
 from core.causal_lm import CausalLM
-from core.kv_cache import KVCache
 from core.cli import COUNT, NONNEG, POSITIVE, check_config, flag
+from infer.prefix_cache import PrefixCache
 
 StreamFn = Callable[[int, str], None]
 DecodeFn = Callable[[list[int]], str]
@@ -199,7 +199,7 @@ def stop_prefix_len(text: str, stop_strings: Sequence[str]) -> int:
     return best
 
 
-class _RowText:
+class RowText:
     """Per-row text state: accumulated text, stop detection in a tail window, and hold-back for streaming.
 
     Every step touches only the tail: the stop search covers the last len(stop) - 1 old characters plus the
@@ -269,40 +269,7 @@ class GenerationOutput:
     finish_reasons: list[str] = field(default_factory=list)  # "eos" | "stop" | "length"
 
 
-class PrefixCache:
-    """A batch-1 KV cache kept between `generate` calls, with the token ids it holds.
-
-    `take(model, ids)` returns (cache, n): the cache truncated to the longest prefix it shares with `ids` (at
-    most len(ids) - 1 tokens, so the prefill yields the last position's logits), and n, the positions reused;
-    `keep(ids)` records what the cache holds after a generation. Another model (or an interrupted call, which
-    never reaches `keep`) starts from an empty cache. `reused` / `prefilled`: the last call's token counts."""
-
-    def __init__(self) -> None:
-        self.cache: KVCache | None = None
-        self.ids: list[int] = []
-        self.model_id: int | None = None
-        self.reused = self.prefilled = 0
-
-    def take(self, model: torch.nn.Module, ids: list[int]) -> tuple[KVCache, int]:
-        if self.cache is None or self.model_id != id(model):
-            self.cache, self.ids, self.model_id = model.new_cache(), [], id(model)
-        shared = 0
-        for a, b in zip(self.ids, ids):
-            if a != b:
-                break
-            shared += 1
-        shared = min(shared, len(ids) - 1, self.cache.length)
-        self.cache.truncate(shared)
-        self.ids = []                  # not valid until keep(): an interrupted generation leaves it empty
-        self.reused, self.prefilled = shared, len(ids) - shared
-        return self.cache, shared
-
-    def keep(self, ids: list[int]) -> None:
-        assert self.cache is not None and len(ids) == self.cache.length, (len(ids), self.cache)
-        self.ids = ids
-
-
-def _last_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+def last_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                  position_ids: torch.Tensor, cache) -> torch.Tensor:
     """(B,V) logits of the last position. A model following the causal-LM contract (core/causal_lm.py) runs
     its LM head on that position only; any other module returning (B,T,V) logits works too (scripted tests)."""
@@ -312,7 +279,7 @@ def _last_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
     return model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache)[:, -1, :]
 
 
-def _make_generator(config: SamplingConfig, device: torch.device) -> torch.Generator | None:
+def make_generator(config: SamplingConfig, device: torch.device) -> torch.Generator | None:
     if config.seed is None:
         return None
     return torch.Generator(device=device).manual_seed(config.seed)
@@ -338,9 +305,9 @@ def generate_batch(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     if (attention_mask[:, -1] == 0).any():
         raise ValueError("generate: prompts must be left-padded (the last column of attention_mask must be 1)")
     if generator is None:
-        generator = _make_generator(config, device)
+        generator = make_generator(config, device)
     stop_strings = config.stop_strings if decode is not None else ()
-    rows = [_RowText(decode, stop_strings, r, stream) for r in range(batch)] if decode is not None else None
+    rows = [RowText(decode, stop_strings, r, stream) for r in range(batch)] if decode is not None else None
 
     new_ids: list[list[int]] = [[] for _ in range(batch)]
     reasons = ["length"] * batch
@@ -365,7 +332,7 @@ def generate_batch(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     sequence = input_ids                                                      # only used without a cache
     if max_new > 0:
         mask = full_mask[:, :prompt_len] if padded else None
-        logits = _last_logits(model, input_ids[:, skip:], mask, positions[:, skip:], cache)   # (B,V)
+        logits = last_logits(model, input_ids[:, skip:], mask, positions[:, skip:], cache)   # (B,V)
     for step in range(max_new):
         if config.repetition_penalty != 1.0 and seen is None:
             vocab = logits.shape[-1]
@@ -395,13 +362,13 @@ def generate_batch(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
         step_ids = tokens[:, None]                                            # (B,1)
         total = prompt_len + step + 1
         if use_cache:
-            logits = _last_logits(model, step_ids, full_mask[:, :total] if padded else None, next_pos, cache)
+            logits = last_logits(model, step_ids, full_mask[:, :total] if padded else None, next_pos, cache)
             if reuse:
                 fed.append(token_list[0])
         else:
             sequence = torch.cat([sequence, step_ids], dim=1)                 # (B,total)
             pos = torch.cat([positions, positions[:, -1:] + torch.arange(1, step + 2, device=device)], dim=1)
-            logits = _last_logits(model, sequence, full_mask[:, :total] if padded else None, pos, None)
+            logits = last_logits(model, sequence, full_mask[:, :total] if padded else None, pos, None)
         next_pos = next_pos + 1
 
     if reuse:
@@ -437,7 +404,7 @@ def generate_detailed(model: torch.nn.Module, tokenizer, prompts: list[str], con
         return GenerationOutput(token_ids=[])
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    generator = _make_generator(config, device)
+    generator = make_generator(config, device)
     was_training = model.training
     model.eval()                                    # no dropout while generating (restored afterwards)
     try:

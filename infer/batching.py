@@ -17,7 +17,7 @@ One step:
     3. decode: every row feeds its last token: input (B,1), mask (B, L+1), position ids (B,1) = the row's own
                next position (its real-token count), so a row's keys, positions and attention are what they would
                be alone; its logits go through its own sampling settings, generator, n-gram ban and repetition
-               penalty, and its text through its own stop-string / UTF-8 handling (train.sampler's row state)
+               penalty, and its text through its own stop-string / UTF-8 handling (infer.sampler.RowText)
 
 Every row is `[padding][its real tokens]` in the cache, real tokens contiguous, so distances (and Gemma's
 sliding window, counted in cache columns) are the row's own. Greedy answers equal the request decoded alone
@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 
 from core.kv_cache import KVCache
-from train.sampler import (SamplingConfig, _last_logits, _make_generator, _RowText, apply_no_repeat_ngram,
+from infer.sampler import (RowText, SamplingConfig, apply_no_repeat_ngram, last_logits, make_generator,
                            pick_next_tokens)
 
 
@@ -64,9 +64,9 @@ class _Row:
         self.request = request
         config = request.config
         if request.generator is None:
-            request.generator = _make_generator(config, device)
+            request.generator = make_generator(config, device)
         self.generator = request.generator
-        self.text = _RowText(decode, config.stop_strings, 0,
+        self.text = RowText(decode, config.stop_strings, 0,
                              (lambda _r, piece: request.on_piece(piece)) if request.on_piece else None)
         self.new_ids: list[int] = []
         self.seen = None
@@ -203,7 +203,7 @@ class ContinuousBatcher:
         padded = bool((mask == 0).any())
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = self.model.new_cache()
-        logits = _last_logits(self.model, ids, mask if padded else None, positions, cache)    # (G, V)
+        logits = last_logits(self.model, ids, mask if padded else None, positions, cache)    # (G, V)
         rows = [_Row(r, self.decode, self.device, logits.shape[-1]) for r in requests]
         for i, row in enumerate(rows):
             row.accept(row.pick(logits[i:i + 1]), self.eos)
@@ -230,7 +230,7 @@ class ContinuousBatcher:
         positions = torch.tensor([[row.next_pos] for row in self.rows], device=self.device)  # (B, 1)
         self.mask = torch.cat([self.mask, live.long()[:, None]], dim=1)                       # (B, L + 1)
         all_real = bool(self.mask.all())
-        logits = _last_logits(self.model, tokens, None if all_real else self.mask, positions, self.cache)
+        logits = last_logits(self.model, tokens, None if all_real else self.mask, positions, self.cache)
         for i, row in enumerate(self.rows):
             if row.pending is None:
                 continue
