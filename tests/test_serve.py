@@ -365,6 +365,19 @@ def test_disconnect_frees_the_slot(tmp_path, tok):
         r = client(url).chat.completions.create(model="oh-lora", messages=[{"role": "user", "content": "안녕"}])
         assert r.choices[0].message.content == "안녕"
         assert time.perf_counter() - start < 2.0                     # the slot was free (60 tokens would be 3 s)
+        # the same for a plain (non-streamed) request whose client gives up while it is decoding
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(ask("나 " * 60, max_tokens=200)),
+                     headers={"Content-Type": "application/json"})
+        time.sleep(0.5)
+        assert engine.stats()["active"] == 1
+        conn.sock.close()
+        conn.close()
+        time.sleep(0.5)
+        assert engine.stats()["active"] == 0
+        before = model.forwards
+        time.sleep(0.3)
+        assert model.forwards == before
 
 
 def test_16_clients_x_10_requests(tmp_path, tok):
