@@ -14,9 +14,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
-import time
-from dataclasses import dataclass, field
 from collections import deque
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol
 
 from core.errors import OhLoRAError
@@ -63,8 +62,6 @@ class Job:
         self.loop = loop
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
-        self.submitted = time.perf_counter()
-        self.first_piece_at: float | None = None
         self.done = False
 
     # ---- engine side (any thread) ---------------------------------------------------------------------------
@@ -76,8 +73,6 @@ class Job:
 
     def emit(self, piece: str) -> None:
         if piece and not self.done:
-            if self.first_piece_at is None:
-                self.first_piece_at = time.perf_counter()
             self._put(piece)
 
     def finish(self, completion: Completion) -> None:
