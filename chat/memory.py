@@ -32,7 +32,7 @@ import numpy as np
 from core.atomic import atomic_write_text
 from core.cli import COSINE, COUNT, Parser, add_config_flags, config_from_args, flag, run_cli
 from data.memory_items import MemoryFormatError, clean_text, extract_memory_items, format_item, parse_item
-from sbert.bases import TRAINED_DIR, default_model_dir
+from bert.bases import TRAINED_DIR, default_model_dir
 
 DEFAULT_THRESHOLD = 0.6
 EXAMPLE_ITEMS = ["[오늘 일정: 친구랑 카페 방문]", "[좋아하는 음식: 떡볶이]", "[좋아하는 가수: 아이유]",
@@ -106,7 +106,7 @@ class MemorySearch:
     # ---- search -----------------------------------------------------------------------------------------------
     def _get_encoder(self) -> TextEncoder:
         if self.encoder is None:
-            from sbert.model import SentenceEncoder
+            from bert.model import SentenceEncoder
 
             folder, note = default_model_dir()
             if note:
@@ -272,7 +272,7 @@ class MemoryStore(MemorySearch):
 def load_memory_encoder(folder: str | os.PathLike, flag: str = "--memory-model"):
     """The memory's SentenceEncoder; only a sentence-transformers folder (modules.json) qualifies — a plain HF
     folder would load as an unnormalised encoder whose cosines mean something else."""
-    from sbert.model import SentenceEncoder, SentenceModelError
+    from bert.model import SentenceEncoder, SentenceModelError
 
     folder = Path(folder)
     if folder.is_dir() and not (folder / "modules.json").is_file():

@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                     description="MSE / MAE / Pearson / Spearman / recall@1 of a sentence encoder on memory pairs.")
     add_config_flags(parser, EvaluateArgs)
     args = config_from_args(EvaluateArgs, parser.parse_args(argv))
-    from sbert.model import SentenceEncoder
+    from bert.model import SentenceEncoder
 
     data = args.data or str(bundled_pairs("memory_test.csv"))
     df = load_pairs(data)

@@ -51,11 +51,11 @@ from core.errors import OhLoRAError
 from core.onednn import invalidate_on_step
 from data.memory_items import MemoryFormatError, parse_item
 from data.memory_pairs import key_similarity
-from sbert.bases import default_base
+from bert.bases import default_base
 from sbert.calibrate import MAX_FALSE, calibrate
 from sbert.evaluate import bundled_pairs, evaluate, format_table, json_safe, load_pairs, plot_scatter
 from sbert.losses import LOSSES
-from sbert.model import MEMORY_CONFIG, PASSAGE, QUERY, SentenceEncoder
+from bert.model import MEMORY_CONFIG, PASSAGE, QUERY, SentenceEncoder
 from train.distributed import DistInfo, fail_fast_on_collective_error, init_distributed
 from train.loop import LoopConfig, Trainer, TrainResult
 

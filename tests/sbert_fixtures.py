@@ -102,6 +102,6 @@ def minilm_dir_path() -> Path:
 
 @pytest.fixture(scope="module")
 def minilm_encoder():
-    from sbert.model import SentenceEncoder
+    from bert.model import SentenceEncoder
 
     return SentenceEncoder.load(minilm_dir())

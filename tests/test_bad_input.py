@@ -55,9 +55,9 @@ class Workspace:
         from gptneox.load import save_pretrained
         from gptneox.model import GPTNeoXForCausalLM
         from lora import LoRAConfig, inject_lora, save_adapter
-        from sbert.encoder import BertEncoder, EncoderConfig, init_weights
-        from sbert.model import SentenceEncoder
-        from sbert.tokenizer import SentenceTokenizer
+        from bert.encoder import BertEncoder, EncoderConfig, init_weights
+        from bert.model import SentenceEncoder
+        from bert.tokenizer import SentenceTokenizer
 
         torch.manual_seed(0)
         neox = root / "neox"

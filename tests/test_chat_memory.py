@@ -168,7 +168,7 @@ def test_item_embeddings_cached_until_an_item_or_the_model_changes():
 def test_store_applies_the_models_prompts(tmp_path):
     """e5-style prompts live in the model folder and are applied inside the encoder: passages for items,
     queries for messages; a folder without prompts (MiniLM) gets the plain texts."""
-    from sbert.model import SentenceEncoder
+    from bert.model import SentenceEncoder
     from tests.sbert_fixtures import save_tiny_hf_encoder, save_tiny_st
 
     save_tiny_st(tmp_path / "st", save_tiny_hf_encoder(tmp_path / "hf"), normalize=True)

@@ -1,10 +1,11 @@
 """The architecture, enforced: every library import (top level and inside functions) points down the layers.
 
     chat/                          app layer: the only package that uses both train/ and sbert/
-    sbert/                         sentence encoder + its training (on train/'s loop)
-    train/                         loop, optimizer, checkpoints, loss, SFT, quality report
+    sbert/                         sentence-encoder training (on train/'s loop), evaluation, calibration
+    train/                         loop, optimizer, checkpoints, loss, SFT, quality report and judge
     infer/                         loading any family (through the registry), tokenizer, sampler, prefix cache
-    gptneox/ gemma/ lora/ data/    model families, LoRA, data: each imports only core/
+    gptneox/ gemma/ bert/          model families (bert/: the sentence encoder), LoRA, data: each imports only
+    lora/ data/                    core/
     core/                          the shared leaf, with the family registry: imports nothing of ours
 
 Above the families nothing imports a family package: they are reached through core/registry.py only; chat/
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = {"core": 0, "gptneox": 1, "gemma": 1, "lora": 1, "data": 1, "infer": 2, "train": 3, "sbert": 4,
+LAYERS = {"core": 0, "gptneox": 1, "gemma": 1, "bert": 1, "lora": 1, "data": 1, "infer": 2, "train": 3, "sbert": 4,
           "chat": 5}
 FAMILIES = ("gptneox", "gemma")  # core.registry.BUILTIN_FAMILIES (checked below)
 

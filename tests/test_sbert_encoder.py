@@ -1,4 +1,4 @@
-"""sbert.encoder: token-level parity with transformers' BertModel/RobertaModel, key layouts, loading errors."""
+"""bert.encoder: token-level parity with transformers' BertModel/RobertaModel, key layouts, loading errors."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 
-from sbert.encoder import BertEncoder, EncoderConfig, EncoderLoadError, init_weights, load_encoder
-from sbert.tokenizer import SentenceTokenizer
+from bert.encoder import BertEncoder, EncoderConfig, EncoderLoadError, init_weights, load_encoder
+from bert.tokenizer import SentenceTokenizer
 from tests.sbert_fixtures import SBERT_TEXTS, minilm_dir, save_tiny_hf_encoder
 
 

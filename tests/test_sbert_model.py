@@ -1,4 +1,4 @@
-"""sbert.model.SentenceEncoder vs sentence-transformers 6.2.0: embeddings, both folder dialects, save/load both ways."""
+"""bert.model.SentenceEncoder vs sentence-transformers 6.2.0: embeddings, both folder dialects, save/load both ways."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sbert.model import SentenceEncoder, SentenceModelError
+from bert.model import SentenceEncoder, SentenceModelError
 from tests.sbert_fixtures import (SBERT_TEXTS, minilm_dir, minilm_encoder,  # noqa: F401 (fixture)
                                   save_tiny_hf_encoder, save_tiny_st)
 

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from sbert.evaluate import bundled_pairs, evaluate, load_pairs
-from sbert.model import SentenceEncoder
+from bert.model import SentenceEncoder
 from chat.memory import MemoryStore
-from sbert.bases import bundled_minilm_dir
+from bert.bases import bundled_minilm_dir
 from sbert.calibrate import pick_threshold, rates
 from sbert.losses import LOSSES, mnr, mnr_mse
 from sbert.train import (NO_DECAY, PairLoss, TokenCache, TrainConfig, default_max_seq_length, key_score_table,

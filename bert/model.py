@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sbert.encoder import BertEncoder, EncoderLoadError, load_encoder, save_encoder_weights
-from sbert.tokenizer import SentenceTokenizer
+from bert.encoder import BertEncoder, EncoderLoadError, load_encoder, save_encoder_weights
+from bert.tokenizer import SentenceTokenizer
 from core.atomic import atomic_write_dir
 from core.jsonio import read_json
 

