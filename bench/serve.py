@@ -201,7 +201,7 @@ def run(streams: list[int], per_stream: int = 3, max_tokens: int = 64, threads: 
 
     def llama_server(port: int, n: int) -> subprocess.Popen:
         return subprocess.Popen([binary, "-m", str(gguf), "--port", str(port), "--parallel", str(n),
-                                 "-c", str(1024 * n), "-t", str(threads), "--no-webui"],
+                                 "-c", str(1024 * n), "-t", str(threads), "-tb", str(threads), "--no-webui"],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def llama_body(message: str):
