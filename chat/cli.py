@@ -195,7 +195,7 @@ class ChatOptions:
                                                            "if present)")
     memory_store: str = flag(str(DEFAULT_STORE), kind="output_file",
                              help="memory items: a text / .json file, or a .sqlite database of every user's items")
-    user: str = flag(DEFAULT_USER, help="the memory space in a .sqlite --memory-store (python -m chat.serve's "
+    user: str = flag(DEFAULT_USER, metavar="NAME", help="the memory space in a .sqlite --memory-store (python -m chat.serve's "
                                         "`user`)")
     no_memory: bool = flag(False, help="do not search the memory (items are still saved)")
     once: str | None = flag(None, metavar="MESSAGE", help="answer one message, print it and exit (for scripts)")

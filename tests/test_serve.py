@@ -48,12 +48,12 @@ def tok(tmp_path_factory):
 
 @contextlib.contextmanager
 def echo_server(tmp_path, tok, *, bytewise=False, delay=0.0, encoder=None, api_key=None, limits=None,
-                max_body_bytes=64 * 1024, **engine_kw):
+                max_body_bytes=64 * 1024, cors_origins=(), **engine_kw):
     model = EchoLM(tok, bytewise=bytewise, delay=delay)
     engine = make_engine(model, tok, **engine_kw)
     db = MemoryDB(tmp_path / "memory.sqlite", encoder=encoder)
     config = ServerConfig(api_key=api_key, sampling=ECHO_SAMPLING, limits=limits or Limits(),
-                          max_body_bytes=max_body_bytes)
+                          max_body_bytes=max_body_bytes, cors_origins=cors_origins)
     try:
         with running_server(create_app(engine, db, config)) as url:
             yield url, db, model, engine
@@ -330,6 +330,19 @@ def test_api_key_guards_every_api_route(tmp_path, tok):
         assert status == 200 and "<title>오로라</title>" in page
         assert "script-src 'self'" in headers["content-security-policy"]
         assert "access-control-allow-origin" not in {k.lower() for k in headers}   # CORS off
+
+
+def test_cors_only_for_the_origins_asked(tmp_path, tok):
+    with echo_server(tmp_path, tok, cors_origins=("http://app.example",)) as (url, _, _, _):
+        preflight = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "authorization, content-type"}
+        status, headers, _ = raw(url, "OPTIONS", "/v1/chat/completions", headers=preflight)
+        assert status == 200 and headers["access-control-allow-origin"] == "http://app.example"
+        status, headers, _ = raw(url, "OPTIONS", "/v1/chat/completions",
+                                 headers={**preflight, "Origin": "http://evil.example"})
+        assert status == 400 and "access-control-allow-origin" not in headers
+        _, headers, out = raw(url, "POST", "/v1/chat/completions", ask("hi"), {"Origin": "http://app.example"})
+        assert headers["access-control-allow-origin"] == "http://app.example" and out["choices"]
 
 
 def test_full_queue_answers_429(tmp_path, tok):

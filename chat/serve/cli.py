@@ -33,15 +33,16 @@ class ServeOptions:
     port: int = flag(8000, range="[0, 65535]", help="TCP port (0: any free port, printed at start)")
     memory_store: str = flag(str(DEFAULT_DB), kind="output_file", help="SQLite file with every user's memory")
     no_memory_store: bool = flag(False, help="keep no memory at all (the /v1/memory routes answer 404)")
-    api_key: str | None = flag(None, help=f"require `Authorization: Bearer KEY` on /v1 routes (default: "
+    api_key: str | None = flag(None, metavar="KEY", help=f"require `Authorization: Bearer KEY` on /v1 routes (default: "
                                           f"${API_KEY_ENV} if set, else none)")
-    model_name: str = flag("oh-lora", help="the model id clients send (GET /v1/models)")
+    model_name: str = flag("oh-lora", metavar="NAME", help="the model id clients send (GET /v1/models)")
     max_body_bytes: int = flag(64 * 1024, range=COUNT, help="largest request body accepted (413 above)")
     max_prompt_tokens: int = flag(512, range=COUNT, help="largest templated prompt in tokens (400 above)")
     max_tokens_cap: int = flag(512, range=COUNT, help="max_tokens a request may ask for (larger values are capped)")
     max_batch: int = flag(8, range=COUNT, help="requests decoded together (continuous batching)")
     max_queue: int = flag(32, range=COUNT, help="requests that may wait for a free batch row (429 beyond)")
-    cors_origin: tuple[str, ...] = flag((), help="allow these browser origins (CORS off unless given)")
+    cors_origin: tuple[str, ...] | None = flag(None, metavar="ORIGIN",
+                                               help="allow these browser origins (CORS off unless given)")
     threads: int | None = flag(None, range=COUNT, help="CPU threads for the model (default: torch's)")
 
 
@@ -86,7 +87,7 @@ def build_server(argv: list[str] | None = None):
     engine = BatchEngine(model, tokenizer, max_batch=opts.max_batch, max_queue=opts.max_queue,
                          max_prompt_tokens=opts.max_prompt_tokens)
     config = ServerConfig(model_name=opts.model_name, api_key=api_key, max_body_bytes=opts.max_body_bytes,
-                          cors_origins=tuple(opts.cors_origin), sampling=sampling,
+                          cors_origins=tuple(opts.cors_origin or ()), sampling=sampling,
                           limits=Limits(max_tokens=opts.max_tokens_cap))
     print(f"serving {model_dir}" + (f" + adapter {adapter_dir}" if adapter_dir else "") +
           f" as `{opts.model_name}`; memory: {opts.memory_store if memory else 'off'}; API key: "
