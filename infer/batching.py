@@ -77,13 +77,6 @@ class _Row:
         self.next_pos = len(request.prompt_ids)
         self.reason: str | None = None
 
-    def pick(self, logits: torch.Tensor) -> int:
-        """logits (1, V) -> the next token under this request's settings."""
-        config = self.request.config
-        if config.no_repeat_ngram_size:
-            logits = apply_no_repeat_ngram(logits, [self.new_ids], config.no_repeat_ngram_size)
-        return int(pick_next_tokens(logits, config, self.seen, self.generator)[0])
-
     def accept(self, token: int, eos: int | None) -> None:
         """Record a sampled token: EOS, a completed stop string or max_new_tokens end the row."""
         if eos is not None and token == eos:
@@ -98,6 +91,25 @@ class _Row:
             self.reason = "length"
         else:
             self.pending = token
+
+
+def pick_rows(rows: list[_Row], logits: torch.Tensor) -> list[int]:
+    """The next token of each row (logits (B, V), row i for rows[i]) under its own settings: the n-gram bans of
+    all rows in one pass per n, greedy rows without a repetition penalty in one argmax, the others one by one
+    (their temperature, top-k/p, penalty and generator). Equal to picking each row alone."""
+    logits = logits.float()
+    for n in {row.request.config.no_repeat_ngram_size for row in rows} - {0}:
+        logits = apply_no_repeat_ngram(
+            logits, [row.new_ids if row.request.config.no_repeat_ngram_size == n else [] for row in rows], n)
+    tokens = [0] * len(rows)
+    argmax_rows = [i for i, row in enumerate(rows) if row.request.config.greedy and row.seen is None]
+    if argmax_rows:
+        for i, token in zip(argmax_rows, logits[argmax_rows].argmax(dim=-1).tolist()):
+            tokens[i] = token
+    for i, row in enumerate(rows):
+        if i not in argmax_rows:
+            tokens[i] = int(pick_next_tokens(logits[i:i + 1], row.request.config, row.seen, row.generator)[0])
+    return tokens
 
 
 class ContinuousBatcher:
@@ -205,8 +217,8 @@ class ContinuousBatcher:
         cache = self.model.new_cache()
         logits = last_logits(self.model, ids, mask if padded else None, positions, cache)    # (G, V)
         rows = [_Row(r, self.decode, self.device, logits.shape[-1]) for r in requests]
-        for i, row in enumerate(rows):
-            row.accept(row.pick(logits[i:i + 1]), self.eos)
+        for row, token in zip(rows, pick_rows(rows, logits)):
+            row.accept(token, self.eos)
         if self.cache is None:
             self.cache, self.mask, self.rows = cache, mask, rows
             return
@@ -231,8 +243,8 @@ class ContinuousBatcher:
         self.mask = torch.cat([self.mask, live.long()[:, None]], dim=1)                       # (B, L + 1)
         all_real = bool(self.mask.all())
         logits = last_logits(self.model, tokens, None if all_real else self.mask, positions, self.cache)
-        for i, row in enumerate(self.rows):
-            if row.pending is None:
-                continue
+        fed = [i for i, row in enumerate(self.rows) if row.pending is not None]
+        rows = [self.rows[i] for i in fed]
+        for row, token in zip(rows, pick_rows(rows, logits[fed] if len(fed) < len(self.rows) else logits)):
             row.pending, row.next_pos = None, row.next_pos + 1
-            row.accept(row.pick(logits[i:i + 1]), self.eos)
+            row.accept(token, self.eos)
