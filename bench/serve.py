@@ -5,8 +5,8 @@
 Starts the server as its own process (what `python -m chat.serve` loads: runs/sft/best and its base — the
 real Gemma-3 270M after the default `python -m train.sft` — with --no-memory-store, so only the model is
 measured), then for each N runs N client threads, each sending `--requests-per-stream` streamed chat
-completions back to back (the validation questions of data/ohlora_sft.csv, greedy, so every N generates the
-same tokens). Reported per N:
+completions back to back (at least 8 requests in all; the validation questions of data/ohlora_sft.csv,
+greedy, so every N generates the same answers). Reported per N:
 
     aggregate tokens/s   completion tokens of all requests / wall time of the phase
     TTFT p50 / p95       request sent -> first content chunk received
@@ -85,6 +85,7 @@ def stream_once(port: int, path: str, body: dict) -> dict:
 
 
 def load_phase(port: int, streams: int, per_stream: int, make_body, prompts: list[str]) -> dict:
+    per_stream = max(per_stream, -(-8 // streams))          # at least 8 requests in all (one stream: 8 in a row)
     results: list[dict] = []
     lock = threading.Lock()
 
@@ -196,7 +197,7 @@ def run(streams: list[int], per_stream: int = 3, max_tokens: int = 64, threads: 
     gguf = ROOT / "runs/bench-serve/merged-bf16.gguf"
     if not gguf.is_file():
         subprocess.run([sys.executable, "-m", "chat.export", "--adapter", adapter or "runs/sft/best",
-                        "--gguf", str(gguf), "--type", "bf16"], env=env, check=True)
+                        "--gguf", str(gguf), "--type", "bf16"], env=env, check=True, stdout=sys.stderr)
     template = PromptTemplate()
 
     def llama_server(port: int, n: int) -> subprocess.Popen:
