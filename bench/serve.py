@@ -6,7 +6,7 @@ Starts the server as its own process (what `python -m chat.serve` loads: runs/sf
 real Gemma-3 270M after the default `python -m train.sft` — with --no-memory-store, so only the model is
 measured), then for each N runs N client threads, each sending `--requests-per-stream` streamed chat
 completions back to back (at least 8 requests in all; the validation questions of data/ohlora_sft.csv,
-greedy, so every N generates the same answers). Reported per N:
+greedy, so a question always gets the same answer). Reported per N:
 
     aggregate tokens/s   completion tokens of all requests / wall time of the phase
     TTFT p50 / p95       request sent -> first content chunk received
