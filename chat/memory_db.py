@@ -112,13 +112,13 @@ class MemoryDB:
         with self.lock:
             self.conn.close()
 
-    def __enter__(self) -> "MemoryDB":
+    def __enter__(self) -> MemoryDB:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def user(self, name: str) -> "UserMemory":
+    def user(self, name: str) -> UserMemory:
         """The memory space of `name` (a view; kept for reuse so its embedding matrix stays warm)."""
         name = check_user(name)
         with self.lock:

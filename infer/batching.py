@@ -28,14 +28,20 @@ A request whose answer comes out empty is sampled again, as `generate` does (up 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from core.kv_cache import KVCache
-from infer.sampler import (RowText, SamplingConfig, apply_no_repeat_ngram, last_logits, make_generator,
-                           pick_next_tokens)
+from infer.sampler import (
+    RowText,
+    SamplingConfig,
+    apply_no_repeat_ngram,
+    last_logits,
+    make_generator,
+    pick_next_tokens,
+)
 
 
 @dataclass(eq=False)

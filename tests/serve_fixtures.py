@@ -9,8 +9,8 @@ import time
 import torch
 from torch import nn
 
-from data.sft import PromptTemplate
 from core.tokenizer import Tokenizer
+from data.sft import PromptTemplate
 from tests.neox_fixtures import KOREAN_TEXTS, train_tiny_tokenizer
 
 STOP = "(답변 종료)"

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.serve_fixtures import STOP, EchoLM, echo_tokenizer
-from tests.test_sampler import _tiny_gemma, tiny_model
 from infer.batching import BatchRequest, ContinuousBatcher
 from infer.sampler import SamplingConfig, generate_batch, generate_detailed
+from tests.serve_fixtures import STOP, EchoLM, echo_tokenizer
+from tests.test_sampler import _tiny_gemma, tiny_model
 
 
 class IdTokenizer:

@@ -18,12 +18,18 @@ pytest.importorskip("starlette", reason="the server extra is not installed (pip 
 pytest.importorskip("uvicorn", reason="the server extra is not installed (pip install -e .[serve])")
 openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install -e .[test])")
 
-from chat.memory_db import MemoryDB  # noqa: E402
-from chat.serve.app import ServerConfig, create_app  # noqa: E402
-from chat.serve.openai_api import Limits  # noqa: E402
-from data.sft import PromptTemplate  # noqa: E402
-from tests.serve_fixtures import STOP, EchoLM, echo_tokenizer, make_engine, running_server  # noqa: E402
-from infer.sampler import SamplingConfig  # noqa: E402
+from chat.memory_db import MemoryDB
+from chat.serve.app import ServerConfig, create_app
+from chat.serve.openai_api import Limits
+from data.sft import PromptTemplate
+from infer.sampler import SamplingConfig
+from tests.serve_fixtures import (
+    STOP,
+    EchoLM,
+    echo_tokenizer,
+    make_engine,
+    running_server,
+)
 
 ECHO_SAMPLING = SamplingConfig(no_repeat_ngram_size=0)   # an echo repeats n-grams by design
 
@@ -174,10 +180,10 @@ def test_stop_strings(tmp_path, tok):
 def test_tiny_neox_through_the_server(tmp_path, tok):
     """A real (random) tiny GPT-NeoX: greedy plain = streamed = the sampler's own answer; a stop string taken
     from that answer cuts it there."""
-    from gptneox.load import load_model
-    from tests.neox_fixtures import save_tiny_hf_neox, train_tiny_tokenizer
-    from infer.sampler import generate_detailed
     from core.tokenizer import Tokenizer
+    from gptneox.load import load_model
+    from infer.sampler import generate_detailed
+    from tests.neox_fixtures import save_tiny_hf_neox, train_tiny_tokenizer
 
     folder = save_tiny_hf_neox(tmp_path / "neox")
     train_tiny_tokenizer(folder)

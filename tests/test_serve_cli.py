@@ -18,7 +18,7 @@ import pytest
 
 pytest.importorskip("uvicorn", reason="the server extra is not installed (pip install -e .[serve])")
 
-from chat.memory_db import MemoryDB  # noqa: E402
+from chat.memory_db import MemoryDB
 
 ROOT = Path(__file__).resolve().parents[1]
 

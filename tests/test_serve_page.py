@@ -11,10 +11,10 @@ import pytest
 pytest.importorskip("starlette", reason="the server extra is not installed (pip install -e .[serve])")
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e .[test])")
 
-from chat.memory_db import MemoryDB  # noqa: E402
-from chat.serve.app import ServerConfig, create_app  # noqa: E402
-from tests.serve_fixtures import EchoLM, echo_tokenizer, make_engine, running_server  # noqa: E402
-from infer.sampler import SamplingConfig  # noqa: E402
+from chat.memory_db import MemoryDB
+from chat.serve.app import ServerConfig, create_app
+from infer.sampler import SamplingConfig
+from tests.serve_fixtures import EchoLM, echo_tokenizer, make_engine, running_server
 
 CHROMIUM = os.environ.get("OHLORA_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"

@@ -33,9 +33,25 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from chat.memory_db import MemoryDB, UserMemory, check_user
-from chat.serve.engine import Cancelled, Completion, Engine, EngineBusy, EngineClosed, PromptTooLong
-from chat.serve.openai_api import (ApiError, Limits, chunk, completion_response, models_response,
-                                   new_completion_id, now, parse_chat_request, usage)
+from chat.serve.engine import (
+    Cancelled,
+    Completion,
+    Engine,
+    EngineBusy,
+    EngineClosed,
+    PromptTooLong,
+)
+from chat.serve.openai_api import (
+    ApiError,
+    Limits,
+    chunk,
+    completion_response,
+    models_response,
+    new_completion_id,
+    now,
+    parse_chat_request,
+    usage,
+)
 from data.memory_items import ItemFilter, MemoryFormatError, strip_memory_items
 from data.sft import PromptTemplate
 from infer.sampler import SamplingConfig

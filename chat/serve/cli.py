@@ -15,10 +15,24 @@ from pathlib import Path
 
 import torch
 
-from chat.cli import ChatError, ChatOptions, load_chat_model, load_memory_model, resolve_model_dirs
+from chat.cli import (
+    ChatError,
+    ChatOptions,
+    load_chat_model,
+    load_memory_model,
+    resolve_model_dirs,
+)
 from chat.memory_db import MemoryDB, is_sqlite_path
 from chat.serve.openai_api import Limits
-from core.cli import COUNT, Parser, add_config_flags, choose_dtype, config_from_args, flag, run_cli
+from core.cli import (
+    COUNT,
+    Parser,
+    add_config_flags,
+    choose_dtype,
+    config_from_args,
+    flag,
+    run_cli,
+)
 from infer.sampler import SamplingConfig
 
 DEFAULT_DB = Path("runs/memory.sqlite")

@@ -15,8 +15,9 @@ import asyncio
 import itertools
 import threading
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol
+from typing import Protocol
 
 from core.errors import OhLoRAError
 from infer.batching import BatchRequest, ContinuousBatcher
