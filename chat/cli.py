@@ -16,13 +16,13 @@ With neither flag it uses what `python -m train.sft` saved: the adapter `runs/sf
 folder or GGUF file the adapter names — the real Gemma-3 270M for the default run — else `runs/sft/base/`).
 
 Memory: `--memory-model DIR` (a sentence-transformers folder; default `runs/sbert/best` when
-`python -m sbert.train` has made it) and `--memory-store FILE` (default `runs/memory.txt`). Without a memory
-model the chat works without memory (said once) but still saves the items answers produce.
+`python -m sbert.train` has made it) and `--memory-store FILE` (default `runs/memory.txt`; a `.sqlite` file is
+the per-user database `python -m chat.serve` keeps, `--user NAME` choosing the space). Without a memory model the
+chat works without memory (said once) but still saves the items answers produce.
 """
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +31,11 @@ from typing import Callable
 import torch
 
 from bert.bases import TRAINED_DIR
-from chat.memory import MemoryStore, load_memory_encoder
+from chat.memory import MemorySearch, MemoryStore, TextEncoder, load_memory_encoder
+from chat.memory_db import MemoryDB, is_sqlite_path
 from core.cli import DTYPE_CHOICES, Parser, add_config_flags, choose_dtype, config_from_args, flag, run_cli
 from core.errors import OhLoRAError
-from data.memory_items import ITEM_PATTERN, extract_memory_items, strip_memory_items
+from data.memory_items import ItemFilter, strip_memory_items
 from data.sft import PromptTemplate
 from infer.prefix_cache import PrefixCache
 from infer.sampler import SamplingConfig, generate
@@ -43,6 +44,7 @@ from lora.io import adapter_base_model
 DEFAULT_BASE = Path("runs/sft/base")
 DEFAULT_ADAPTER = Path("runs/sft/best")
 DEFAULT_STORE = Path("runs/memory.txt")
+DEFAULT_USER = "default"
 EXIT_WORDS = {"exit", "quit", "/exit", "/quit", "종료"}
 
 
@@ -59,60 +61,6 @@ class ChatReply:
     stored: list[str] = field(default_factory=list)  # items from the answer that changed the store
 
 
-class ItemFilter:
-    """Streams text with `[key: value]` items removed and whitespace collapsed, as `strip_memory_items` does.
-
-    Text from a `[` on is held until its `]` shows whether it is an item (dropped) or plain text (shown);
-    whitespace is held until a visible character follows, so the pieces concatenate to exactly
-    `strip_memory_items(full_text)`."""
-
-    _WORDS = re.compile(r"(\s+)")
-
-    def __init__(self, write: Callable[[str], None]):
-        self.write = write
-        self.buf = ""
-        self.started = False
-        self.space = False
-
-    def feed(self, piece: str) -> None:
-        self.buf += piece
-        self._drain(final=False)
-
-    def close(self) -> None:
-        self._drain(final=True)
-
-    def _drain(self, final: bool) -> None:
-        while self.buf:
-            start = self.buf.find("[")
-            if start != 0:                                   # plain text up to the next "[" (or all of it)
-                cut = len(self.buf) if start < 0 else start
-                self._text(self.buf[:cut])
-                self.buf = self.buf[cut:]
-                continue
-            close, reopen = self.buf.find("]"), self.buf.find("[", 1)
-            if reopen >= 0 and (close < 0 or reopen < close):  # "[" ... "[": the first one opens no item
-                self._text(self.buf[:reopen])
-                self.buf = self.buf[reopen:]
-            elif close >= 0:
-                candidate, self.buf = self.buf[:close + 1], self.buf[close + 1:]
-                self._text(" " if ITEM_PATTERN.fullmatch(candidate) else candidate)
-            elif final:
-                self._text(self.buf)
-                self.buf = ""
-            else:
-                return                                       # wait for "]"
-
-    def _text(self, text: str) -> None:
-        for part in self._WORDS.split(text):
-            if not part:
-                continue
-            if part.isspace():
-                self.space = self.started
-                continue
-            self.write((" " if self.space else "") + part)
-            self.started, self.space = True, False
-
-
 class ChatSession:
     """Model + tokenizer + memory. `reply(message)` runs one turn; `generate_fn` is the sampler, called as
     infer.sampler.generate is (default: it). It gets the session's `PrefixCache`: a turn prefills only the tokens
@@ -120,7 +68,7 @@ class ChatSession:
     prompt's last token); `reuse_prefix=False` prefills every turn in full."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, config: SamplingConfig | None = None,
-                 memory: MemoryStore | None = None, *, use_memory_search: bool = True,
+                 memory: MemorySearch | None = None, *, use_memory_search: bool = True,
                  template: PromptTemplate | None = None, generate_fn: Callable | None = None,
                  reuse_prefix: bool = True):
         self.model, self.tokenizer = model, tokenizer
@@ -144,11 +92,7 @@ class ChatSession:
                           prefix_cache=self.prefix_cache)[0]
         if item_filter is not None:
             item_filter.close()
-        stored = []
-        if self.memory is not None:
-            stored = [item for item in extract_memory_items(raw) if self.memory.add(item)]
-            if stored and self.memory.path is not None:
-                self.memory.save()
+        stored = self.memory.remember(raw) if self.memory is not None else []
         return ChatReply(strip_memory_items(raw), raw, prompt, best, stored)
 
 
@@ -202,8 +146,9 @@ def load_chat_model(model_path: Path, adapter_dir: Path | None, dtype: torch.dty
     return model, tokenizer
 
 
-def load_memory(store_path: Path, memory_model: str | Path | None, no_memory: bool) -> tuple[MemoryStore, str | None]:
-    """(store, note). The store always loads (items are saved even without search); search needs an encoder."""
+def load_memory_model(store_path: Path, memory_model: str | Path | None,
+                      no_memory: bool) -> tuple[TextEncoder | None, str | None]:
+    """(encoder or None, note): the memory model of `--memory-model`, else runs/sbert/best when present."""
     note = None
     encoder = None
     if not no_memory:
@@ -217,6 +162,17 @@ def load_memory(store_path: Path, memory_model: str | Path | None, no_memory: bo
                     f"--memory-model DIR): chatting without memory; new items are still saved to {store_path}")
     else:
         note = f"note: memory search off (--no-memory); new items are still saved to {store_path}"
+    return encoder, note
+
+
+def load_memory(store_path: Path, memory_model: str | Path | None, no_memory: bool,
+                user: str = DEFAULT_USER) -> tuple[MemorySearch, str | None]:
+    """(store, note). The store always loads (items are saved even without search); search needs an encoder.
+    A `.sqlite` / `.db` path is the per-user database (chat.memory_db: `user`'s space), anything else a text or
+    JSON file (chat.memory.MemoryStore)."""
+    encoder, note = load_memory_model(store_path, memory_model, no_memory)
+    if is_sqlite_path(store_path):
+        return MemoryDB(store_path, encoder=encoder).user(user), note
     return MemoryStore.load(store_path, encoder=encoder, missing_ok=True), note
 
 
@@ -234,7 +190,10 @@ class ChatOptions:
                                                       "--model is not given)")
     memory_model: str | None = flag(None, kind="dir", help=f"sentence-transformers folder (default: {TRAINED_DIR} "
                                                            "if present)")
-    memory_store: str = flag(str(DEFAULT_STORE), kind="output_file", help="memory items file")
+    memory_store: str = flag(str(DEFAULT_STORE), kind="output_file",
+                             help="memory items: a text / .json file, or a .sqlite database of every user's items")
+    user: str = flag(DEFAULT_USER, metavar="NAME",
+                     help="the memory space in a .sqlite --memory-store (python -m chat.serve's `user`)")
     no_memory: bool = flag(False, help="do not search the memory (items are still saved)")
     once: str | None = flag(None, metavar="MESSAGE", help="answer one message, print it and exit (for scripts)")
     dtype: str = flag("fp32", choices=DTYPE_CHOICES, help="model weights dtype (bf16: half the memory, faster for "
@@ -270,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         print(dtype_note, file=sys.stderr)
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     model, tokenizer = load_chat_model(model_dir, adapter_dir, dtype, pack=not opts.no_pack)
-    memory, note = load_memory(Path(opts.memory_store), opts.memory_model, opts.no_memory)
+    memory, note = load_memory(Path(opts.memory_store), opts.memory_model, opts.no_memory, opts.user)
     if note:
         print(note, file=sys.stderr)
     session = ChatSession(model, tokenizer, config, memory, use_memory_search=memory.encoder is not None)

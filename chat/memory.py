@@ -9,10 +9,13 @@ is encoded as a query and the items as passages (e5's `query: ` / `passage: ` pr
 from its folder's config; MiniLM has none). Item embeddings are cached per item text and model, so a query
 costs one encode.
 
-e.g. `[오늘 일정: 친구랑 카페 방문] 오늘 뭐 해?`. A store is a text file with one `[key: value]` item per line
-(like the original's memory file; blank lines and lines starting with `#` are skipped) or a JSON list of such
-strings (a `.json` file). Keys are unique: adding an item whose key is already stored replaces the old value
-(the newest fact wins, e.g. a new `[오늘 일정: …]`), an identical item is ignored.
+e.g. `[오늘 일정: 친구랑 카페 방문] 오늘 뭐 해?`. The search (`MemorySearch`: threshold, embedding cache,
+ranking, recall, storing an answer's items) is shared by every store: `MemoryStore` here (a list, or a file) and
+`chat.memory_db.UserMemory` (one user's items in the server's SQLite database). A `MemoryStore` file is a text
+file with one `[key: value]` item per line (like the original's memory file; blank lines and lines starting with
+`#` are skipped) or a JSON list of such strings (a `.json` file). Keys are unique: adding an item whose key is
+already stored replaces the old value (the newest fact wins, e.g. a new `[오늘 일정: …]`), an identical item is
+ignored.
 
 CLI: `python -m chat.memory --query "오늘 뭐 해?" [--model DIR] [--memory-store FILE] [--top K] [--threshold T]`.
 """
@@ -31,7 +34,7 @@ from bert.bases import TRAINED_DIR, default_model_dir
 from core.atomic import atomic_write_text
 from core.cli import COSINE, COUNT, Parser, add_config_flags, config_from_args, flag, run_cli
 from core.jsonio import read_text
-from data.memory_items import MemoryFormatError, clean_text, format_item, parse_item
+from data.memory_items import MemoryFormatError, clean_text, extract_memory_items, format_item, parse_item
 
 DEFAULT_THRESHOLD = 0.6
 EXAMPLE_ITEMS = ["[오늘 일정: 친구랑 카페 방문]", "[좋아하는 음식: 떡볶이]", "[좋아하는 가수: 아이유]",
@@ -56,21 +59,21 @@ def encoder_identity(encoder: TextEncoder) -> tuple[int, str | None]:
     return id(encoder), getattr(encoder, "source", None)
 
 
-class MemoryStore:
-    """Memory items + similarity search. `encoder` is a SentenceEncoder (or anything with `encode(texts)`);
-    when None, the default model (`default_model_dir()`) is loaded on first use."""
+class MemorySearch:
+    """Similarity search over stored items: the threshold, the embedding cache and the ranking, shared by every
+    store (the text file `MemoryStore`, the per-user SQLite `chat.memory_db.UserMemory`). A store provides
+    `items`, `add(item) -> changed`, `remove(key) -> changed`, and may persist item embeddings through
+    `_load_vectors` / `_save_vectors` (keyed by the encoder's `source` and the item text).
 
-    def __init__(self, items: list[str] | None = None, *, path: str | os.PathLike | None = None,
-                 encoder: TextEncoder | None = None, threshold: float | None = None):
-        self.path = Path(path) if path is not None else None
+    `encoder` is a SentenceEncoder (or anything with `encode(texts)`); when None, the default model
+    (`default_model_dir()`) is loaded on first use."""
+
+    def __init__(self, *, encoder: TextEncoder | None = None, threshold: float | None = None):
         self.encoder = encoder
         self.threshold = threshold  # None: the model's calibrated threshold, else DEFAULT_THRESHOLD
-        self._items: list[str] = []
         self._vectors: dict[str, np.ndarray] = {}      # item text -> unit embedding (H,), for _vectors_of
         self._vectors_of: tuple[int, str | None] | None = None  # encoder_identity the cache belongs to
         self._matrix: tuple[tuple, np.ndarray] | None = None    # ((identity, items), (N, H) stacked rows)
-        for item in items or []:
-            self.add(item)
 
     @property
     def threshold(self) -> float:
@@ -83,6 +86,107 @@ class MemoryStore:
     @threshold.setter
     def threshold(self, value: float | None) -> None:
         self._threshold = None if value is None else float(value)
+
+    # ---- what a store provides --------------------------------------------------------------------------------
+    @property
+    def items(self) -> list[str]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def flush(self) -> None:
+        """Make the changes so far durable (a file store writes its file; a database commits per change)."""
+
+    def _load_vectors(self, source: str, texts: list[str]) -> dict[str, np.ndarray]:
+        """Unit embeddings of `texts` by the encoder `source` kept from an earlier run (none by default)."""
+        return {}
+
+    def _save_vectors(self, source: str, vectors: dict[str, np.ndarray]) -> None:
+        """Keep freshly computed unit embeddings for later runs (nothing by default)."""
+
+    # ---- search -----------------------------------------------------------------------------------------------
+    def _get_encoder(self) -> TextEncoder:
+        if self.encoder is None:
+            from bert.model import SentenceEncoder
+
+            folder, note = default_model_dir()
+            if note:
+                print(note, file=sys.stderr)
+            self.encoder = SentenceEncoder.load(folder)
+        return self.encoder
+
+    def _item_vectors(self, encoder: TextEncoder, items: list[str]) -> np.ndarray:
+        """Unit-length item embeddings (N, H): only items not embedded yet by this model are encoded (one call);
+        a different encoder (or one loaded from changed weights) starts the cache afresh."""
+        identity = encoder_identity(encoder)
+        stamp = (identity, tuple(items))
+        if self._matrix is not None and self._matrix[0] == stamp:  # nothing changed: no encode, no re-stack
+            return self._matrix[1]
+        if self._vectors_of != identity:
+            self._vectors, self._vectors_of = {}, identity
+        new = [t for t in items if t not in self._vectors]
+        source = identity[1]
+        if new and source is not None:                             # a persistent cache needs a stable identity
+            self._vectors.update(self._load_vectors(source, new))
+            new = [t for t in new if t not in self._vectors]
+        if new:
+            fresh = dict(zip(new, _unit_rows(encode_as(encoder, new, "passage"))))
+            self._vectors.update(fresh)
+            if source is not None:
+                self._save_vectors(source, fresh)
+        if len(self._vectors) > 2 * len(items) + 16:  # forget replaced / removed items now and then
+            self._vectors = {t: self._vectors[t] for t in items}
+        matrix = np.stack([self._vectors[t] for t in items]).astype(np.float32)  # (N, H)
+        self._matrix = (stamp, matrix)
+        return matrix
+
+    def scores(self, message: str) -> list[tuple[str, float]]:
+        """Every item with its cosine similarity to the message, most similar first (one encode per call)."""
+        items = self.items
+        if not items:
+            return []
+        encoder = self._get_encoder()
+        vectors = self._item_vectors(encoder, items)  # (N, H)
+        query = _unit_rows(encode_as(encoder, [message], "query"))[0]  # (H,)
+        sims = vectors @ query  # (N,)
+        order = np.argsort(-sims, kind="stable")
+        return [(items[i], float(sims[i])) for i in order]
+
+    def best_memory(self, message: str) -> tuple[str, float] | None:
+        """(item, cosine) of the most similar item if its cosine >= threshold, else None (also for an empty store)."""
+        ranked = self.scores(message)
+        if ranked and ranked[0][1] >= self.threshold:
+            return ranked[0]
+        return None
+
+    def recall(self, message: str) -> tuple[str, tuple[str, float] | None]:
+        """(text, best): `"{item} {message}"` with the best item (the original's prompt format) and that
+        (item, cosine), or the message unchanged and None."""
+        best = self.best_memory(message)
+        return (f"{best[0]} {message}" if best else message), best
+
+    def build_prompt(self, message: str) -> str:
+        return self.recall(message)[0]
+
+    def remember(self, answer: str) -> list[str]:
+        """Store the `[key: value]` items of a model answer; returns those that changed the store (then flushed)."""
+        stored = [item for item in extract_memory_items(answer) if self.add(item)]
+        if stored:
+            self.flush()
+        return stored
+
+
+class MemoryStore(MemorySearch):
+    """Memory items in a list, optionally backed by a text / JSON file (`load`, `save`), + similarity search."""
+
+    def __init__(self, items: list[str] | None = None, *, path: str | os.PathLike | None = None,
+                 encoder: TextEncoder | None = None, threshold: float | None = None):
+        super().__init__(encoder=encoder, threshold=threshold)
+        self.path = Path(path) if path is not None else None
+        self._items: list[str] = []
+        for item in items or []:
+            self.add(item)
 
     # ---- file I/O ---------------------------------------------------------------------------------------------
     @classmethod
@@ -130,6 +234,10 @@ class MemoryStore:
         self.path = path
         return path
 
+    def flush(self) -> None:
+        if self.path is not None:
+            self.save()
+
     # ---- items ------------------------------------------------------------------------------------------------
     @property
     def items(self) -> list[str]:
@@ -158,62 +266,6 @@ class MemoryStore:
         changed = len(kept) != len(self._items)
         self._items = kept
         return changed
-
-    # ---- search -----------------------------------------------------------------------------------------------
-    def _get_encoder(self) -> TextEncoder:
-        if self.encoder is None:
-            from bert.model import SentenceEncoder
-
-            folder, note = default_model_dir()
-            if note:
-                print(note, file=sys.stderr)
-            self.encoder = SentenceEncoder.load(folder)
-        return self.encoder
-
-    def _item_vectors(self, encoder: TextEncoder) -> np.ndarray:
-        """Unit-length item embeddings (N, H): only items not embedded yet by this model are encoded (one call);
-        a different encoder (or one loaded from changed weights) starts the cache afresh."""
-        identity = encoder_identity(encoder)
-        stamp = (identity, tuple(self._items))
-        if self._matrix is not None and self._matrix[0] == stamp:  # nothing changed: no encode, no re-stack
-            return self._matrix[1]
-        if self._vectors_of != identity:
-            self._vectors, self._vectors_of = {}, identity
-        new = [t for t in self._items if t not in self._vectors]
-        if new:
-            self._vectors.update(zip(new, _unit_rows(encode_as(encoder, new, "passage"))))
-        if len(self._vectors) > 2 * len(self._items) + 16:  # forget replaced / removed items now and then
-            self._vectors = {t: self._vectors[t] for t in self._items}
-        matrix = np.stack([self._vectors[t] for t in self._items]).astype(np.float32)  # (N, H)
-        self._matrix = (stamp, matrix)
-        return matrix
-
-    def scores(self, message: str) -> list[tuple[str, float]]:
-        """Every item with its cosine similarity to the message, most similar first (one encode per call)."""
-        if not self._items:
-            return []
-        encoder = self._get_encoder()
-        items = self._item_vectors(encoder)  # (N, H)
-        query = _unit_rows(encode_as(encoder, [message], "query"))[0]  # (H,)
-        sims = items @ query  # (N,)
-        order = np.argsort(-sims, kind="stable")
-        return [(self._items[i], float(sims[i])) for i in order]
-
-    def best_memory(self, message: str) -> tuple[str, float] | None:
-        """(item, cosine) of the most similar item if its cosine >= threshold, else None (also for an empty store)."""
-        ranked = self.scores(message)
-        if ranked and ranked[0][1] >= self.threshold:
-            return ranked[0]
-        return None
-
-    def recall(self, message: str) -> tuple[str, tuple[str, float] | None]:
-        """(text, best): `"{item} {message}"` with the best item (the original's prompt format) and that
-        (item, cosine), or the message unchanged and None."""
-        best = self.best_memory(message) if len(self) else None
-        return (f"{best[0]} {message}" if best else message), best
-
-    def build_prompt(self, message: str) -> str:
-        return self.recall(message)[0]
 
 
 def load_memory_encoder(folder: str | os.PathLike, flag: str = "--memory-model"):

@@ -47,6 +47,50 @@ class KVCache:
             if k is not None:
                 self.keys[i], self.values[i] = k.index_select(0, rows), v.index_select(0, rows)
 
+    def pad_left(self, n: int) -> None:
+        """Insert `n` empty positions before the cached ones in every row (continuous batching: rows join a batch
+        whose cache is longer, left-padded; the caller masks the new positions out)."""
+        if n <= 0:
+            return
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            if k is None:
+                continue
+            capacity = math.ceil((self.length + n) / self.chunk) * self.chunk
+            new_k = k.new_zeros(k.shape[0], k.shape[1], capacity, k.shape[3])
+            new_v = torch.zeros_like(new_k)
+            new_k[:, :, n:n + self.length] = k[:, :, :self.length]
+            new_v[:, :, n:n + self.length] = v[:, :, :self.length]
+            self.keys[i], self.values[i] = new_k, new_v
+        self.length += n
+
+    def trim_left(self, n: int) -> None:
+        """Drop the first `n` positions of every row (columns that are padding in every row: a view, no copy)."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"KVCache.trim_left: {n} outside [0, {self.length}]")
+        if n == 0:
+            return
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            if k is not None:
+                self.keys[i], self.values[i] = k[:, :, n:], v[:, :, n:]
+        self.length -= n
+
+    @classmethod
+    def cat_rows(cls, caches: "list[KVCache]") -> "KVCache":
+        """One cache holding the rows of `caches` in order (all of the same length: pad_left them first)."""
+        lengths = {c.length for c in caches}
+        if len(lengths) != 1:
+            raise ValueError(f"KVCache.cat_rows: caches of different lengths {sorted(lengths)}")
+        length = lengths.pop()
+        out = cls(len(caches[0].keys), caches[0].chunk)
+        out.length = length
+        for i in range(len(out.keys)):
+            parts = [c.keys[i] for c in caches]
+            if any(p is None for p in parts):
+                continue
+            out.keys[i] = torch.cat([c.keys[i][:, :, :length] for c in caches])
+            out.values[i] = torch.cat([c.values[i][:, :, :length] for c in caches])
+        return out
+
     def truncate(self, length: int) -> None:
         """Forget the positions from `length` on (prefix reuse: the next forward overwrites them in place)."""
         if not 0 <= length <= self.length:

